@@ -1,0 +1,22 @@
+"""vlm-peft: a frozen vision tower and a trainable projector on an unmodified Qwen3, by hooks."""
+
+from .attach import attach, detach, vlm_config
+from .checkpoint import save_adapter
+from .config import VLMConfig
+from .lora import add_lora, lora_config
+from .processor import VLMProcessor
+from .vision import VisionTower
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VLMConfig",
+    "VLMProcessor",
+    "VisionTower",
+    "add_lora",
+    "attach",
+    "detach",
+    "lora_config",
+    "save_adapter",
+    "vlm_config",
+]

@@ -1,0 +1,125 @@
+"""Adapter dirs: what a stage writes and what `attach(llm, dir)` reads back.
+
+Layout: `vlm_config.json` (with the base's fingerprint), `projector.safetensors`, PEFT's
+`adapter_config.json` + `adapter_model.safetensors` when LoRA is present, processor files,
+and `vision/` when the tower has random weights and so no source to reload it from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PretrainedConfig
+
+from .config import VLMConfig
+from .hooks import PROJECTOR_ATTR, get_state
+
+PROJECTOR_FILE = "projector.safetensors"
+VISION_DIR = "vision"
+FINGERPRINT_KEYS = (
+    "model_type",
+    "hidden_size",
+    "vocab_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "tie_word_embeddings",
+)
+
+
+def fingerprint(config: PretrainedConfig) -> dict[str, Any]:
+    """The parts of a base config an adapter depends on (config only: weights are not hashed)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {key: getattr(text, key, None) for key in FINGERPRINT_KEYS}
+
+
+def check_base(cfg: VLMConfig, llm_config: PretrainedConfig, source: str) -> None:
+    if not cfg.base_fingerprint:
+        return
+    have = fingerprint(llm_config)
+    diffs = [
+        f"{key}: adapter {cfg.base_fingerprint.get(key)!r} vs model {have[key]!r}"
+        for key in FINGERPRINT_KEYS
+        if key in cfg.base_fingerprint and cfg.base_fingerprint[key] != have[key]
+    ]
+    if diffs:
+        raise ValueError(
+            f"{source} was trained on base {cfg.base_model!r}, which differs from the model given "
+            f"({getattr(llm_config, '_name_or_path', '') or 'unnamed'}): " + "; ".join(diffs)
+            + ". Attach it to the base it names."
+        )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel (or the model itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def active_projector(llm: nn.Module) -> nn.Module:
+    """The projector the hook calls: PEFT's trainable copy when `modules_to_save` wrapped it."""
+    module = getattr(llm, PROJECTOR_ATTR)
+    if hasattr(module, "modules_to_save"):
+        name = module.active_adapter
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        return module.modules_to_save[name]
+    return module
+
+
+def load_projector(projector: nn.Module, path: Path) -> None:
+    """Strict load: a key mismatch would otherwise leave a randomly initialised projector."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the adapter dir has no projector weights.")
+    state = load_file(str(path))
+    expected = projector.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong]
+        raise ValueError(
+            f"{path} does not match the projector built from vlm_config.json: missing keys {missing}, "
+            f"unexpected keys {unexpected}, shape mismatches {shapes}."
+        )
+    projector.load_state_dict(state, strict=True)
+
+
+def save_adapter(model: nn.Module, directory: str | Path, processor: Any = None) -> Path:
+    """Write an adapter dir for an attached model (bare or PEFT-wrapped)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    llm = unwrap(model)
+    state = get_state(llm)
+    cfg = dataclasses.replace(
+        state.config,
+        base_model=getattr(llm.config, "_name_or_path", None) or None,
+        base_fingerprint=fingerprint(llm.config),
+    )
+    if state.vision.source is None:
+        state.vision.model.save_pretrained(out / VISION_DIR)
+        cfg = dataclasses.replace(cfg, vision_model=f"./{VISION_DIR}", vision_config=None)
+    if isinstance(model, PeftModel):
+        if not hasattr(getattr(llm, PROJECTOR_ATTR), "modules_to_save"):
+            raise ValueError(
+                f"the PEFT model does not list {PROJECTOR_ATTR!r} in modules_to_save, so the projector is frozen "
+                "and would not be saved with the adapter; wrap with vlm_peft.add_lora(model, ...)."
+            )
+        model.save_pretrained(out)
+    weights = {k: v.detach().contiguous().cpu() for k, v in active_projector(llm).state_dict().items()}
+    save_file(weights, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
+    cfg.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
+    return out
+
+
+def projector_matches_file(projector: nn.Module, path: Path) -> bool:
+    saved = load_file(str(path))
+    current = projector.state_dict()
+    return all(torch.equal(saved[k], current[k].detach().cpu().to(saved[k].dtype)) for k in saved)
