@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from .hooks import PROJECTOR_ATTR, get_state
 
 # Full-match regex over module names: the decoder's attention and MLP projections only.
-# "all-linear" would also land in the projector (design.md).
 DECODER_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -38,7 +36,7 @@ def lora_config(
 
 
 def add_lora(model: nn.Module, config: LoraConfig | None = None, **kwargs: Any) -> PeftModel:
-    """`get_peft_model` for an attached model, refusing configs that would freeze or split the projector."""
+    """`get_peft_model` for an attached model, refusing configs that would freeze the projector."""
     if isinstance(model, PeftModel):
         raise ValueError("model already has PEFT adapters; add_lora takes the attached bare model.")
     get_state(model)
@@ -48,15 +46,6 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, **kwargs: Any) 
             f"LoraConfig.modules_to_save must include {PROJECTOR_ATTR!r}, or PEFT freezes the projector and "
             "leaves it out of the saved adapter; build the config with vlm_peft.lora_config(...)."
         )
-    inside = [
-        name
-        for name, module in model.named_modules()
-        if name.startswith(f"{PROJECTOR_ATTR}.") and isinstance(module, nn.Linear)
-        and (config.target_modules == "all-linear" or check_target_module_exists(config, name))
-    ]
-    if inside:
-        raise ValueError(
-            f"LoRA target_modules {config.target_modules!r} match projector layers ({inside[0]}, …); target "
-            "the decoder only, e.g. vlm_peft.lora.DECODER_TARGETS."
-        )
+    # PEFT never injects adapters into modules_to_save, so even "all-linear" leaves the projector
+    # whole; the vision tower is outside the module tree and out of reach too.
     return get_peft_model(model, config)

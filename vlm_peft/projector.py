@@ -102,7 +102,7 @@ class CrossAttentionProjector(nn.Module):
         )
         self.output_norm = nn.LayerNorm(hidden)
         init_weights(self)
-        nn.init.trunc_normal_(self.slot_embed, std=0.02)
+        trunc_normal(self.slot_embed)
 
     def forward(self, features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         kv = self.vision_adapter(features) + self.key_pos.to(features.dtype)
@@ -144,10 +144,15 @@ class LinearProjector(nn.Module):
         return self.proj(features)
 
 
+def trunc_normal(t: torch.Tensor, std: float = 0.02) -> None:
+    # torch's default cut is at +-2 absolute, i.e. no cut at std 0.02; cut at 2 std as intended.
+    nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+
+
 def init_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            trunc_normal(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):

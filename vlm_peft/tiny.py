@@ -30,20 +30,26 @@ SPECIAL_TOKENS = [
 ]
 
 
-def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, special_tokens: list[str] | None = None
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `texts`, with Qwen3's special tokens and pad/eos conventions."""
+    special_tokens = SPECIAL_TOKENS if special_tokens is None else special_tokens
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
+    markers = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False
+        tokenizer_object=tok,
+        clean_up_tokenization_spaces=False,
+        **{k: v for k, v in markers.items() if v in special_tokens},
     )
 
 

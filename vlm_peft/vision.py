@@ -21,7 +21,8 @@ class VisionTower(nn.Module):
 
     def __init__(self, model: PreTrainedModel, feature_layer: int = -1, source: str | None = None) -> None:
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.requires_grad_(False)
+        self.train(False)
         self.feature_layer = feature_layer
         # Where it was loaded from; None means random weights that must be saved to be reloaded.
         self.source = source

@@ -1,0 +1,130 @@
+import pytest
+import torch
+from PIL import Image
+
+from vlm_peft import VLMProcessor
+from vlm_peft.tiny import tiny_image_processor, tiny_tokenizer
+
+from .conftest import CORPUS, N, make_image, user_turn
+
+RUN = "<|vision_start|>" + "<|image_pad|>" * N + "<|vision_end|>"
+ANSWER = [{"role": "assistant", "content": "A red circle."}]
+
+
+def test_training_text_is_qwen3_format(processor):
+    text = processor.apply_chat_template(user_turn("What is this?") + ANSWER)
+    assert text == (
+        f"<|im_start|>user\n{RUN}What is this?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nA red circle.<|im_end|>\n"
+    )
+
+
+def test_generation_prompt_is_non_thinking(processor):
+    text = processor.apply_chat_template(user_turn("What is this?"), add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    thinking = processor.apply_chat_template(user_turn("What is this?"), add_generation_prompt=True, enable_thinking=True)
+    assert thinking.endswith("<|im_start|>assistant\n")
+
+
+def test_multi_turn_think_block_only_on_last_assistant(processor):
+    conv = (
+        [{"role": "system", "content": "Be brief."}]
+        + user_turn("What is this?")
+        + ANSWER
+        + [{"role": "user", "content": "And the colour?"}, {"role": "assistant", "content": "Red."}]
+    )
+    text = processor.apply_chat_template(conv)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert "<|im_start|>assistant\nA red circle.<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nRed.<|im_end|>\n")
+    assert text.count(RUN) == 1
+
+
+def test_images_in_order_and_text_between(processor):
+    conv = [{"role": "user", "content": [
+        {"type": "text", "text": "Compare "}, {"type": "image"}, {"type": "text", "text": " and "}, {"type": "image"},
+    ]}]
+    text = processor.apply_chat_template(conv)
+    assert f"Compare {RUN} and {RUN}<|im_end|>" in text
+
+
+def test_call_expands_collapsed_slot_and_returns_pixels(processor):
+    collapsed = "<|vision_start|><|image_pad|><|vision_end|>Hi"
+    batch = processor(text=collapsed, images=make_image((255, 0, 0)))
+    ids = batch["input_ids"][0].tolist()
+    assert ids.count(processor.image_token_id) == N
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    full = processor(text=RUN + "Hi", images=[make_image((255, 0, 0))])
+    assert full["input_ids"].tolist() == batch["input_ids"].tolist()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "LA", "I", "1"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 300), (640, 480)])
+def test_any_image_mode_and_size(processor, mode, size):
+    image = make_image((10, 200, 30), size=size, mode=mode)
+    out = processor(text=RUN, images=[image])
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    assert torch.isfinite(out["pixel_values"]).all()
+
+
+def test_transparent_pixels_become_white(processor):
+    transparent = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    a = processor(text=RUN, images=[transparent])["pixel_values"]
+    b = processor(text=RUN, images=[white])["pixel_values"]
+    torch.testing.assert_close(a, b)
+
+
+def test_image_count_errors(processor):
+    image = make_image((0, 0, 0))
+    with pytest.raises(ValueError, match="2 image placeholders .* 1 images"):
+        processor(text=RUN + RUN, images=[image])
+    with pytest.raises(ValueError, match="sample 1: text holds 0 image placeholders but 1"):
+        processor(text=[RUN, "no image"], images=[[image], [image]])
+    with pytest.raises(ValueError, match="zero size"):
+        processor(text=RUN, images=[Image.new("RGB", (0, 4))])
+    with pytest.raises(ValueError, match="sample 0: image placeholder run 1 has 3"):
+        processor(text="<|vision_start|>" + "<|image_pad|>" * 3 + "<|vision_end|>", images=[image])
+
+
+def test_truncation_that_cuts_an_image_is_an_error(processor):
+    with pytest.raises(ValueError, match=r"sample 1: image placeholder run 1 has \d+ .*truncation"):
+        processor(text=[RUN, "Hello " + RUN], images=[[make_image((1, 2, 3))], [make_image((1, 2, 3))]],
+                  truncation=True, max_length=N + 2)
+
+
+def test_batch_padding_sides(processor):
+    texts = [RUN + "What is this?", "Hi " + RUN]
+    images = [make_image((255, 0, 0)), make_image((0, 255, 0))]
+    processor.tokenizer.padding_side = "left"
+    left = processor(text=texts, images=images)
+    assert left["attention_mask"].shape == left["input_ids"].shape
+    assert left["attention_mask"][:, -1].all()
+
+
+def test_adds_missing_tokens_and_roundtrips(tmp_path):
+    bare = tiny_tokenizer(CORPUS, vocab_size=300, special_tokens=["<|endoftext|>"])
+    assert "<|image_pad|>" not in bare.get_vocab()
+    before = len(bare)
+    proc = VLMProcessor(tiny_image_processor(32), bare, num_image_tokens=5)
+    assert len(proc.tokenizer) == before + 5
+    assert proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") == proc.image_token_id
+    proc.save_pretrained(tmp_path)
+    loaded = VLMProcessor.from_pretrained(tmp_path)
+    assert loaded.num_image_tokens == 5
+    assert loaded.image_token_id == proc.image_token_id
+    conv = user_turn("What is this?") + ANSWER
+    assert loaded.apply_chat_template(conv) == proc.apply_chat_template(conv)
+    image = make_image((3, 4, 5))
+    a, b = proc(text=proc.apply_chat_template(conv), images=[image]), loaded(text=loaded.apply_chat_template(conv), images=[image])
+    assert a["input_ids"].tolist() == b["input_ids"].tolist()
+    torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
+
+
+def test_tokenize_loads_images_from_content_parts(processor, tmp_path):
+    path = tmp_path / "red.png"
+    make_image((255, 0, 0)).save(path)
+    conv = [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "What?"}]}]
+    out = processor.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    assert out["input_ids"][0].tolist().count(processor.image_token_id) == N
