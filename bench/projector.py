@@ -12,6 +12,7 @@ Run: `python -m bench.projector` (Qwen3-0.6B / CLIP-B/16 sizes, ~2-3 min on 2 co
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 3 repetitions (CI smoke run)")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
+    load_start = os.getloadavg()[0]
     torch.manual_seed(0)
 
     print(
@@ -203,8 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("loop = seed design, corrected, whole projector run per image with nn.MultiheadAttention, then concatenated.")
 
-    header = f"{'config':<22} {'batched ms':>11} {'loop ms':>10} {'ratio':>6}  {'spread batched | loop':<28} " \
-             f"{'peak MB batched/loop':>20}"
+    header = (
+        f"{'config':<18} {'batched ms':>10} {'loop ms':>9} {'ratio':>6} {'min ratio':>9}  "
+        f"{'spread ms batched | loop':<30} {'peak MB batched/loop':>20}"
+    )
     rows: list[str] = []
     param_lines: list[str] = []
     for n in s.queries:
@@ -232,16 +236,21 @@ def main(argv: list[str] | None = None) -> None:
             f"{min(times['loop']):.1f}-{max(times['loop']):.1f}"
         )
         config = f"{s.images}x{n} q, {s.num_patches} kv"
+        ratio, min_ratio = med_l / med_b, min(times["loop"]) / min(times["batched"])
+        mem = f"{mem_b:.1f}/{mem_l:.1f}"
         rows.append(
-            f"{config:<22} {med_b:>11.1f} {med_l:>10.1f} {med_l / med_b:>5.2f}x  {spread:<28} "
-            f"{mem_b:>9.1f}/{mem_l:.1f}"
+            f"{config:<18} {med_b:>10.1f} {med_l:>9.1f} {ratio:>5.2f}x {min_ratio:>8.2f}x  {spread:<30} {mem:>20}"
         )
 
     print()
     print(header)
     print("-" * len(header))
     print("\n".join(rows))
-    print("(ratio = loop median / batched median; > 1 means the batched projector is faster)")
+    print(
+        "(ratio = loop median / batched median, min ratio = loop min / batched min; > 1: batched is faster. "
+        "If the spread is wide, the CPU was shared: trust min ratio more.)"
+    )
+    print(f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end (cores: {os.cpu_count()})")
     print()
     print("Parameter counts of the two benchmarked implementations:")
     print("\n".join(param_lines))
