@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(header))
     print("\n".join(rows))
     print(
-        "(ratio = loop median / batched median, min ratio = loop min / batched min; > 1: batched is faster. "
-        "If the spread is wide, the CPU was shared: trust min ratio more.)"
+        "(ratio = loop median / batched median, min ratio = loop min / batched min; > 1: batched is faster.\n"
+        " A wide spread means the CPU was shared with other work: then trust min ratio more.)"
     )
     print(f"1-min load average: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end (cores: {os.cpu_count()})")
     print()

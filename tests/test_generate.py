@@ -58,7 +58,9 @@ def test_generated_tokens_depend_on_the_image(model, processor):
     logits = []
     for color in COLORS:
         batch = processor(text=prompt(processor), images=[make_image(color)])
-        out = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            **batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         logits.append(out.logits[0])
     for a, b in zip(logits, logits[1:]):
         assert (a - b).abs().max() > 1e-3

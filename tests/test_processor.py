@@ -22,7 +22,9 @@ def test_training_text_is_qwen3_format(processor):
 def test_generation_prompt_is_non_thinking(processor):
     text = processor.apply_chat_template(user_turn("What is this?"), add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    thinking = processor.apply_chat_template(user_turn("What is this?"), add_generation_prompt=True, enable_thinking=True)
+    thinking = processor.apply_chat_template(
+        user_turn("What is this?"), add_generation_prompt=True, enable_thinking=True
+    )
     assert thinking.endswith("<|im_start|>assistant\n")
 
 
@@ -41,9 +43,17 @@ def test_multi_turn_think_block_only_on_last_assistant(processor):
 
 
 def test_images_in_order_and_text_between(processor):
-    conv = [{"role": "user", "content": [
-        {"type": "text", "text": "Compare "}, {"type": "image"}, {"type": "text", "text": " and "}, {"type": "image"},
-    ]}]
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare "},
+                {"type": "image"},
+                {"type": "text", "text": " and "},
+                {"type": "image"},
+            ],
+        }
+    ]
     text = processor.apply_chat_template(conv)
     assert f"Compare {RUN} and {RUN}<|im_end|>" in text
 
@@ -89,8 +99,12 @@ def test_image_count_errors(processor):
 
 def test_truncation_that_cuts_an_image_is_an_error(processor):
     with pytest.raises(ValueError, match=r"sample 1: image placeholder run 1 has \d+ .*truncation"):
-        processor(text=[RUN, "Hello " + RUN], images=[[make_image((1, 2, 3))], [make_image((1, 2, 3))]],
-                  truncation=True, max_length=N + 2)
+        processor(
+            text=[RUN, "Hello " + RUN],
+            images=[[make_image((1, 2, 3))], [make_image((1, 2, 3))]],
+            truncation=True,
+            max_length=N + 2,
+        )
 
 
 def test_batch_padding_sides(processor):
@@ -116,7 +130,10 @@ def test_adds_missing_tokens_and_roundtrips(tmp_path):
     conv = user_turn("What is this?") + ANSWER
     assert loaded.apply_chat_template(conv) == proc.apply_chat_template(conv)
     image = make_image((3, 4, 5))
-    a, b = proc(text=proc.apply_chat_template(conv), images=[image]), loaded(text=loaded.apply_chat_template(conv), images=[image])
+    a, b = (
+        proc(text=proc.apply_chat_template(conv), images=[image]),
+        loaded(text=loaded.apply_chat_template(conv), images=[image]),
+    )
     assert a["input_ids"].tolist() == b["input_ids"].tolist()
     torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
 

@@ -8,7 +8,9 @@ VISION, HIDDEN, PATCHES, N = 24, 32, 16, 6
 
 
 def make(kind="cross_attention", n=N, **kw):
-    cfg = VLMConfig(vision_config={}, projector=kind, num_image_tokens=n, projector_heads=4, projector_dropout=0.0, **kw)
+    cfg = VLMConfig(
+        vision_config={}, projector=kind, num_image_tokens=n, projector_heads=4, projector_dropout=0.0, **kw
+    )
     torch.manual_seed(0)
     return build_projector(cfg, VISION, HIDDEN, PATCHES).eval()
 

@@ -52,7 +52,8 @@ def check_base(cfg: VLMConfig, llm_config: PretrainedConfig, source: str) -> Non
     if diffs:
         raise ValueError(
             f"{source} was trained on base {cfg.base_model!r}, which differs from the model given "
-            f"({getattr(llm_config, '_name_or_path', '') or 'unnamed'}): " + "; ".join(diffs)
+            f"({getattr(llm_config, '_name_or_path', '') or 'unnamed'}): "
+            + "; ".join(diffs)
             + ". Attach it to the base it names."
         )
 

@@ -85,9 +85,7 @@ class VLMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
-                f"{source}: unknown VLMConfig keys {unknown}; allowed keys are {sorted(known)}."
-            )
+            raise ValueError(f"{source}: unknown VLMConfig keys {unknown}; allowed keys are {sorted(known)}.")
         return cls(**data)
 
     def save_pretrained(self, directory: str | Path) -> None:

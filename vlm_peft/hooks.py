@@ -66,7 +66,9 @@ def get_state(llm: nn.Module) -> VLMState:
     return state
 
 
-def encode_images(llm: nn.Module, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None) -> torch.Tensor:
+def encode_images(
+    llm: nn.Module, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None
+) -> torch.Tensor:
     """Patch features from images (frozen tower) or from precomputed tower outputs."""
     state = get_state(llm)
     projector_param = next(getattr(llm, PROJECTOR_ATTR).parameters())

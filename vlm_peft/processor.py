@@ -113,8 +113,10 @@ class VLMProcessor(ProcessorMixin):
         ]
         if not tokenize:
             return texts if batched else texts[0]
-        images = [[load_image(src) if not isinstance(src, Image.Image) else src for src in _image_parts(conv)]
-                  for conv in conversations]
+        images = [
+            [load_image(src) if not isinstance(src, Image.Image) else src for src in _image_parts(conv)]
+            for conv in conversations
+        ]
         return self(text=texts, images=images if any(images) else None, **kwargs)
 
     def __call__(
@@ -139,13 +141,17 @@ class VLMProcessor(ProcessorMixin):
         for row, ids in enumerate(encoded["input_ids"]):
             # Per sample, so an error names the sample of the batch.
             try:
-                counts.append(image_runs(torch.tensor([ids]), self.image_token_id, self.num_image_tokens, self.image_token)[0])
+                counts.append(
+                    image_runs(torch.tensor([ids]), self.image_token_id, self.num_image_tokens, self.image_token)[0]
+                )
             except ValueError as err:
                 raise ValueError(str(err).replace("sample 0", f"sample {row}", 1)) from None
         if per_sample is not None:
             for row, (have, want) in enumerate(zip(counts, per_sample)):
                 if have != want:
-                    raise ValueError(f"sample {row}: text holds {have} image placeholders but {want} images were given.")
+                    raise ValueError(
+                        f"sample {row}: text holds {have} image placeholders but {want} images were given."
+                    )
         elif sum(counts) != len(flat):
             raise ValueError(
                 f"text holds {sum(counts)} image placeholders ({counts} per sample) but {len(flat)} images were given."
@@ -155,7 +161,9 @@ class VLMProcessor(ProcessorMixin):
             rgb = []
             for i, image in enumerate(flat):
                 if not isinstance(image, Image.Image):
-                    raise ValueError(f"image {i} is a {type(image).__name__}; pass PIL images (or paths via apply_chat_template).")
+                    raise ValueError(
+                        f"image {i} is a {type(image).__name__}; pass PIL images (or paths via apply_chat_template)."
+                    )
                 rgb.append(to_rgb(image))
             data["pixel_values"] = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         return BatchFeature(data, tensor_type=return_tensors)

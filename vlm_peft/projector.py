@@ -73,9 +73,7 @@ class CrossAttentionBlock(nn.Module):
         self.norm_kv = nn.LayerNorm(hidden)
         self.attn = CrossAttention(hidden, heads, dropout)
         self.norm_ffn = nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(
-            nn.Linear(hidden, hidden * ffn_mult), nn.GELU(), nn.Linear(hidden * ffn_mult, hidden)
-        )
+        self.ffn = nn.Sequential(nn.Linear(hidden, hidden * ffn_mult), nn.GELU(), nn.Linear(hidden * ffn_mult, hidden))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:

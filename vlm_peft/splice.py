@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def image_runs(input_ids: torch.Tensor, image_token_id: int, num_tokens: int, token: str = "<|image_pad|>") -> list[int]:
+def image_runs(
+    input_ids: torch.Tensor, image_token_id: int, num_tokens: int, token: str = "<|image_pad|>"
+) -> list[int]:
     """Validate the placeholder runs and return how many images each sample holds."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
@@ -20,20 +22,19 @@ def image_runs(input_ids: torch.Tensor, image_token_id: int, num_tokens: int, to
     edges = padded[:, 1:].int() - padded[:, :-1].int()
     starts = (edges == 1).nonzero()
     ends = (edges == -1).nonzero()
-    lengths = (ends[:, 1] - starts[:, 1]).tolist()
-    rows = starts[:, 0].tolist()
-    for run, (row, length) in enumerate(zip(rows, lengths)):
-        if length != num_tokens:
-            nth = rows[:run].count(row) + 1
-            raise ValueError(
-                f"sample {row}: image placeholder run {nth} has {length} {token} tokens, expected exactly "
-                f"{num_tokens}. A run cut short usually means truncation: raise max_length or drop the sample; "
-                "build prompts with VLMProcessor so each image expands to the right count."
-            )
-    counts = [0] * input_ids.shape[0]
-    for row in rows:
-        counts[row] += 1
-    return counts
+    lengths = ends[:, 1] - starts[:, 1]
+    rows = starts[:, 0]
+    bad = (lengths != num_tokens).nonzero()
+    if len(bad):
+        run = bad[0, 0].item()
+        row = rows[run].item()
+        nth = (rows[:run] == row).sum().item() + 1
+        raise ValueError(
+            f"sample {row}: image placeholder run {nth} has {lengths[run].item()} {token} tokens, expected exactly "
+            f"{num_tokens}. A run cut short usually means truncation: raise max_length or drop the sample; "
+            "build prompts with VLMProcessor so each image expands to the right count."
+        )
+    return torch.bincount(rows, minlength=input_ids.shape[0]).tolist()
 
 
 def check_image_count(counts: list[int], num_images: int) -> None:
@@ -53,6 +54,8 @@ def scatter_image_embeds(
     return inputs_embeds.masked_scatter(mask, image_embeds.to(inputs_embeds.dtype))
 
 
-def placeholder_queries(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, num_tokens: int) -> torch.Tensor:
+def placeholder_queries(
+    inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, num_tokens: int
+) -> torch.Tensor:
     """The placeholder embeddings, grouped as [images, N, hidden]."""
     return inputs_embeds[input_ids == image_token_id].view(-1, num_tokens, inputs_embeds.shape[-1])

@@ -31,9 +31,7 @@ class VisionTower(nn.Module):
         self.num_patches: int = (cfg.image_size // cfg.patch_size) ** 2
         layers = cfg.num_hidden_layers
         if not -layers - 1 <= feature_layer <= layers:
-            raise ValueError(
-                f"vision_feature_layer={feature_layer} is out of range for a tower with {layers} layers."
-            )
+            raise ValueError(f"vision_feature_layer={feature_layer} is out of range for a tower with {layers} layers.")
 
     def train(self, mode: bool = True) -> VisionTower:
         return super().train(False)

@@ -1,0 +1,141 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from vlm_peft import VLMConfig, VLMProcessor, add_lora, attach, detach, save_adapter
+from vlm_peft.checkpoint import PROJECTOR_FILE
+from vlm_peft.tiny import tiny_qwen3
+
+from .conftest import make_image, user_turn
+
+
+@pytest.fixture()
+def base_dir(llm, tmp_path):
+    path = tmp_path / "base"
+    llm.save_pretrained(path)
+    return path
+
+
+def fresh_base(base_dir):
+    """What another process would load: the base from disk, nothing shared in memory."""
+    return AutoModelForCausalLM.from_pretrained(base_dir).eval()
+
+
+def batch_for(processor):
+    conv = user_turn("What is this?") + [{"role": "assistant", "content": "A red circle."}]
+    return processor(text=processor.apply_chat_template(conv), images=[make_image((200, 30, 10))])
+
+
+def trained(model, processor, steps=3):
+    """A few optimizer steps so that saved weights differ from any fresh init."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = batch_for(processor)
+    model.train()
+    for _ in range(steps):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_save_then_attach_to_fresh_base_gives_equal_logits(base_dir, processor, vlm_cfg, tmp_path, lora):
+    model = attach(fresh_base(base_dir), vlm_cfg)
+    if lora:
+        model = add_lora(model, r=4)
+    model = trained(model, processor)
+    batch = batch_for(processor)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    out = save_adapter(model, tmp_path / "adapter", processor=processor)
+    files = {p.name for p in out.iterdir()}
+    assert {"vlm_config.json", PROJECTOR_FILE, "vision", "tokenizer.json", "processor_config.json"} <= files
+    assert ({"adapter_config.json", "adapter_model.safetensors"} <= files) == lora
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    saved = json.loads((out / "vlm_config.json").read_text())
+    assert saved["base_fingerprint"]["hidden_size"] == 64 and saved["vision_model"] == "./vision"
+
+    reloaded = attach(fresh_base(base_dir), out)
+    proc = VLMProcessor.from_pretrained(out)
+    with torch.no_grad():
+        got = reloaded.eval()(**batch_for(proc)).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert type(reloaded).__name__ == ("PeftModelForCausalLM" if lora else "Qwen3ForCausalLM")
+    assert not any(p.requires_grad for p in reloaded.parameters())
+    trainable = attach(detach(reloaded), out, is_trainable=True)
+    assert any(p.requires_grad for n, p in trainable.named_parameters() if "vlm_projector" in n)
+
+
+def test_wrong_base_is_refused_naming_both(base_dir, processor, vlm_cfg, tmp_path, tokenizer):
+    out = save_adapter(attach(fresh_base(base_dir), vlm_cfg), tmp_path / "adapter")
+    other = tiny_qwen3(len(tokenizer), hidden_size=32)
+    with pytest.raises(ValueError, match=r"hidden_size: adapter 64 vs model 32"):
+        attach(other, out)
+    deeper = tiny_qwen3(len(tokenizer), layers=3)
+    with pytest.raises(ValueError, match=r"num_hidden_layers: adapter 2 vs model 3"):
+        attach(deeper, out)
+    bigger_vocab = tiny_qwen3(len(tokenizer) + 10)
+    with pytest.raises(ValueError, match=r"vocab_size: adapter \d+ vs model \d+"):
+        attach(bigger_vocab, out)
+    assert not hasattr(other, "vlm_projector") and not hasattr(other, "_vlm_state")
+
+
+def test_projector_key_mismatch_is_an_error(base_dir, vlm_cfg, tmp_path):
+    out = save_adapter(attach(fresh_base(base_dir), vlm_cfg), tmp_path / "adapter")
+    weights = load_file(out / PROJECTOR_FILE)
+    missing = dict(weights)
+    missing.pop("slot_embed")
+    save_file(missing, out / PROJECTOR_FILE)
+    with pytest.raises(ValueError, match=r"missing keys \['slot_embed'\]"):
+        attach(fresh_base(base_dir), out)
+    save_file(weights | {"extra.weight": torch.zeros(2)}, out / PROJECTOR_FILE)
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra.weight'\]"):
+        attach(fresh_base(base_dir), out)
+    save_file(weights | {"slot_embed": torch.zeros(3, 64)}, out / PROJECTOR_FILE)
+    with pytest.raises(ValueError, match="slot_embed: file \\(3, 64\\) vs model"):
+        attach(fresh_base(base_dir), out)
+    (out / PROJECTOR_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="projector"):
+        attach(fresh_base(base_dir), out)
+
+
+def test_inconsistent_lora_dir_is_an_error(base_dir, processor, vlm_cfg, tmp_path):
+    model = trained(add_lora(attach(fresh_base(base_dir), vlm_cfg), r=4), processor, steps=1)
+    out = save_adapter(model, tmp_path / "adapter")
+    weights = load_file(out / PROJECTOR_FILE)
+    save_file({k: v + 1 for k, v in weights.items()}, out / PROJECTOR_FILE)
+    with pytest.raises(ValueError, match="inconsistent"):
+        attach(fresh_base(base_dir), out)
+
+
+def test_bad_config_files(tmp_path, llm):
+    with pytest.raises(FileNotFoundError, match="not a vlm-peft adapter"):
+        attach(llm, tmp_path)
+    (tmp_path / "vlm_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        attach(llm, tmp_path)
+    (tmp_path / "vlm_config.json").write_text(json.dumps({"vision_config": {}, "projektor": "mlp"}))
+    with pytest.raises(ValueError, match=r"unknown VLMConfig keys \['projektor'\]"):
+        attach(llm, tmp_path)
+    (tmp_path / "vlm_config.json").write_text(
+        json.dumps(VLMConfig(vision_config={}).to_dict() | {"format_version": 99})
+    )
+    with pytest.raises(ValueError, match="upgrade vlm-peft"):
+        VLMConfig.from_pretrained(tmp_path)
+
+
+def test_referenced_vision_tower_is_not_copied(base_dir, vlm_cfg, tmp_path):
+    from vlm_peft.vision import build_vision_model
+
+    tower_dir = tmp_path / "clip"
+    build_vision_model(vlm_cfg.vision_config).save_pretrained(tower_dir)
+    import dataclasses
+
+    cfg = dataclasses.replace(vlm_cfg, vision_model=str(tower_dir), vision_config=None)
+    out = save_adapter(attach(fresh_base(base_dir), cfg), tmp_path / "adapter")
+    assert not (out / "vision").exists()
+    assert json.loads((out / "vlm_config.json").read_text())["vision_model"] == str(tower_dir)
+    attach(fresh_base(base_dir), out)
