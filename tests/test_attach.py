@@ -206,3 +206,25 @@ def test_unknown_image_token_id_is_refused(llm, vlm_cfg):
 
     with pytest.raises(ValueError, match="resize_token_embeddings"):
         attach(llm, dataclasses.replace(vlm_cfg, image_token_id=10**6))
+
+
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_siglip_tower_and_feature_layer(llm, processor, vlm_cfg, feature_layer):
+    import dataclasses
+
+    siglip = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    cfg = dataclasses.replace(vlm_cfg, vision_config=siglip, vision_feature_layer=feature_layer)
+    model = attach(llm, cfg)
+    batch = sample(processor)
+    features = model._vlm_state.vision(batch["pixel_values"])
+    assert features.shape == (1, 16, 32)  # SigLIP has no CLS token to drop
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert model._vlm_state.config.num_patches == 16

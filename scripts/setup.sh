@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv and installs vlm-peft with its test extras. Sourced by the other scripts.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# Pin the CPU build first: an unpinned torch requirement would pull a multi-GB CUDA build.
+# On a GPU machine, install the torch build you want before running this script.
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[dev]"

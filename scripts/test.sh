@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv, lints, runs the whole suite (slow end-to-end tests included).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/setup.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ruff check vlm_peft tests bench
+python -m pytest -q "$@"
+python -m bench.projector --quick
