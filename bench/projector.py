@@ -22,7 +22,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from vlm_peft.config import VLMConfig
-from vlm_peft.projector import build_projector, init_weights, sincos_2d
+from vlm_peft.projector import build_projector, init_weights, sincos_2d, trunc_normal
 
 
 @dataclass
@@ -39,10 +39,30 @@ class Sizes:
     queries: tuple[int, ...]
 
 
-FULL = Sizes(hidden=1024, vision_dim=768, num_patches=196, images=8, heads=8, layers=2, ffn_mult=4,
-             repeats=7, warmup=2, queries=(64, 196))
-QUICK = Sizes(hidden=64, vision_dim=32, num_patches=16, images=8, heads=8, layers=2, ffn_mult=4,
-              repeats=3, warmup=2, queries=(4, 16))
+FULL = Sizes(
+    hidden=1024,
+    vision_dim=768,
+    num_patches=196,
+    images=8,
+    heads=8,
+    layers=2,
+    ffn_mult=4,
+    repeats=7,
+    warmup=2,
+    queries=(64, 196),
+)
+QUICK = Sizes(
+    hidden=64,
+    vision_dim=32,
+    num_patches=16,
+    images=8,
+    heads=8,
+    layers=2,
+    ffn_mult=4,
+    repeats=3,
+    warmup=2,
+    queries=(4, 16),
+)
 
 
 class LoopBlock(nn.Module):
@@ -54,9 +74,7 @@ class LoopBlock(nn.Module):
         self.norm_kv = nn.LayerNorm(hidden)
         self.attn = nn.MultiheadAttention(hidden, heads, dropout=0.0, batch_first=True)
         self.norm_ffn = nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(
-            nn.Linear(hidden, hidden * ffn_mult), nn.GELU(), nn.Linear(hidden * ffn_mult, hidden)
-        )
+        self.ffn = nn.Sequential(nn.Linear(hidden, hidden * ffn_mult), nn.GELU(), nn.Linear(hidden * ffn_mult, hidden))
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         kv = self.norm_kv(kv)
@@ -76,9 +94,9 @@ class LoopProjector(nn.Module):
         self.output_norm = nn.LayerNorm(hidden)
         init_weights(self)
         for layer in self.layers:
-            nn.init.trunc_normal_(layer.attn.in_proj_weight, std=0.02)
+            trunc_normal(layer.attn.in_proj_weight)
             nn.init.zeros_(layer.attn.in_proj_bias)
-        nn.init.trunc_normal_(self.slot_embed, std=0.02)
+        trunc_normal(self.slot_embed)
 
     def forward(self, features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         outputs = []

@@ -228,3 +228,32 @@ def test_siglip_tower_and_feature_layer(llm, processor, vlm_cfg, feature_layer):
     assert features.shape == (1, 16, 32)  # SigLIP has no CLS token to drop
     model(**batch, labels=batch["input_ids"]).loss.backward()
     assert model._vlm_state.config.num_patches == 16
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(llm, processor, vlm_cfg):
+    model = attach(llm, vlm_cfg).train()
+    batch = sample(processor)
+
+    def grads():
+        model.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_llm_keeps_fp32_projector(llm, processor, vlm_cfg):
+    model = attach(llm.to(torch.bfloat16), vlm_cfg)
+    assert all(p.dtype == torch.float32 for p in model.vlm_projector.parameters())
+    batch = sample(processor)
+    out = model(**batch, labels=batch["input_ids"])
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert model.vlm_projector.slot_embed.grad.dtype == torch.float32
+    assert model.vlm_projector.slot_embed.grad.abs().sum() > 0

@@ -123,3 +123,16 @@ def test_never_generates_placeholders_and_errors_clearly(model, processor):
     with pytest.raises(ValueError, match="1 image placeholder runs .* but 2 images"):
         model.generate(**batch | {"pixel_values": batch["pixel_values"].repeat(2, 1, 1, 1)}, max_new_tokens=2)
     assert model._vlm_state.pending is None
+
+
+def test_user_suppress_tokens_are_kept_and_text_only_generate_works(model, processor):
+    text = processor.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    batch = processor(text=text)
+    free = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    first = free[0, batch["input_ids"].shape[1]].item()
+    model.generation_config.suppress_tokens = [first]
+    out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out[0, batch["input_ids"].shape[1]].item() != first
+    empty = torch.zeros(0, 3, 32, 32)
+    again = model.generate(**batch, pixel_values=empty, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert again.tolist() == out.tolist()

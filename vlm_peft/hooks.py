@@ -128,17 +128,18 @@ def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state = get_state(self)
     cfg = state.config
     # Placeholders are input-only: a generated one would start a run no image can fill.
-    suppress = list(kwargs.pop("suppress_tokens", None) or [])
-    kwargs["suppress_tokens"] = suppress + [cfg.image_token_id]
+    generation_config = kwargs.get("generation_config") or self.generation_config
+    suppress = kwargs.pop("suppress_tokens", None) or generation_config.suppress_tokens or []
+    kwargs["suppress_tokens"] = sorted(set(suppress) | {cfg.image_token_id})
     pixel_values = kwargs.pop("pixel_values", None)
     image_features = kwargs.pop("image_features", None)
-    if pixel_values is None and image_features is None:
-        return type(self).generate(self, *args, **kwargs)
+    given = pixel_values if image_features is None else image_features
     input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if given is None or (given.shape[0] == 0 and input_ids is not None):
+        return type(self).generate(self, *args, **kwargs)
     if input_ids is None:
         raise ValueError("generate with images needs input_ids holding the image placeholders.")
     counts = image_runs(input_ids, cfg.image_token_id, cfg.num_image_tokens, cfg.image_token)
-    given = pixel_values if image_features is None else image_features
     check_image_count(counts, given.shape[0])
     state.pending = PendingImages(encode_images(self, pixel_values, image_features), counts)
     try:
