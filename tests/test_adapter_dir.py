@@ -107,8 +107,13 @@ def test_inconsistent_lora_dir_is_an_error(base_dir, processor, vlm_cfg, tmp_pat
     out = save_adapter(model, tmp_path / "adapter")
     weights = load_file(out / PROJECTOR_FILE)
     save_file({k: v + 1 for k, v in weights.items()}, out / PROJECTOR_FILE)
+    base = fresh_base(base_dir)
+    keys = set(base.state_dict())
     with pytest.raises(ValueError, match="inconsistent"):
-        attach(fresh_base(base_dir), out)
+        attach(base, out)
+    # The failed attach left nothing behind: no LoRA layers, no projector, no hooks.
+    assert set(base.state_dict()) == keys and not base._forward_pre_hooks
+    assert attach(base, save_adapter(attach(fresh_base(base_dir), vlm_cfg), tmp_path / "ok")) is base
 
 
 def test_bad_config_files(tmp_path, llm):
@@ -127,15 +132,47 @@ def test_bad_config_files(tmp_path, llm):
         VLMConfig.from_pretrained(tmp_path)
 
 
-def test_referenced_vision_tower_is_not_copied(base_dir, vlm_cfg, tmp_path):
+@pytest.mark.parametrize("full_clip", [False, True])
+def test_referenced_vision_tower_is_not_copied(base_dir, processor, vlm_cfg, tmp_path, full_clip):
+    import dataclasses
+
+    from transformers import CLIPConfig, CLIPModel
+
     from vlm_peft.vision import build_vision_model
 
     tower_dir = tmp_path / "clip"
-    build_vision_model(vlm_cfg.vision_config).save_pretrained(tower_dir)
-    import dataclasses
-
+    if full_clip:  # a whole CLIP checkpoint (text + vision), as on the hub
+        vision = {k: v for k, v in vlm_cfg.vision_config.items() if k != "model_type"}
+        CLIPModel(
+            CLIPConfig(
+                vision_config=vision,
+                text_config={
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 4,
+                },
+            )
+        ).save_pretrained(tower_dir)
+    else:
+        build_vision_model(vlm_cfg.vision_config).save_pretrained(tower_dir)
     cfg = dataclasses.replace(vlm_cfg, vision_model=str(tower_dir), vision_config=None)
-    out = save_adapter(attach(fresh_base(base_dir), cfg), tmp_path / "adapter")
+    model = attach(fresh_base(base_dir), cfg)
+    out = save_adapter(model, tmp_path / "adapter")
     assert not (out / "vision").exists()
     assert json.loads((out / "vlm_config.json").read_text())["vision_model"] == str(tower_dir)
-    attach(fresh_base(base_dir), out)
+    batch = batch_for(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(attach(fresh_base(base_dir), out)(**batch).logits, model(**batch).logits)
+
+
+def test_tower_object_given_to_attach_is_the_one_saved(base_dir, processor, vlm_cfg, tmp_path):
+    from vlm_peft.vision import build_vision_model
+
+    torch.manual_seed(7)
+    tower = build_vision_model(vlm_cfg.vision_config)  # not the tower the config would build
+    model = attach(fresh_base(base_dir), vlm_cfg, vision=tower)
+    out = save_adapter(model, tmp_path / "adapter")
+    batch = batch_for(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(attach(fresh_base(base_dir), out)(**batch).logits, model(**batch).logits)

@@ -257,3 +257,11 @@ def test_bf16_llm_keeps_fp32_projector(llm, processor, vlm_cfg):
     out.loss.backward()
     assert model.vlm_projector.slot_embed.grad.dtype == torch.float32
     assert model.vlm_projector.slot_embed.grad.abs().sum() > 0
+
+
+def test_detach_removes_the_input_grad_hook_peft_added(llm, vlm_cfg):
+    model = add_lora(attach(llm, vlm_cfg), r=2)
+    model.enable_input_require_grads()  # what TRL does with gradient checkpointing + PEFT
+    assert model.get_input_embeddings()._forward_hooks
+    restored = detach(model)
+    assert not restored.get_input_embeddings()._forward_hooks

@@ -111,6 +111,10 @@ def test_generate_with_lora(model, processor):
     out = peft_model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     reference = greedy_loop(peft_model, batch["input_ids"], batch["pixel_values"], 6)
     assert out.tolist() == reference.tolist()
+    other = processor(text=prompt(processor), images=[make_image(COLORS[1])])
+    kwargs = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    a, b = peft_model.generate(**batch, **kwargs), peft_model.generate(**other, **kwargs)
+    assert (a.logits[0] - b.logits[0]).abs().max() > 1e-3  # the PEFT path sees the image
 
 
 def test_never_generates_placeholders_and_errors_clearly(model, processor):
@@ -122,7 +126,6 @@ def test_never_generates_placeholders_and_errors_clearly(model, processor):
     assert image_id not in out[0, batch["input_ids"].shape[1] :].tolist()
     with pytest.raises(ValueError, match="1 image placeholder runs .* but 2 images"):
         model.generate(**batch | {"pixel_values": batch["pixel_values"].repeat(2, 1, 1, 1)}, max_new_tokens=2)
-    assert model._vlm_state.pending is None
 
 
 def test_user_suppress_tokens_are_kept_and_text_only_generate_works(model, processor):
@@ -136,3 +139,35 @@ def test_user_suppress_tokens_are_kept_and_text_only_generate_works(model, proce
     empty = torch.zeros(0, 3, 32, 32)
     again = model.generate(**batch, pixel_values=empty, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert again.tolist() == out.tolist()
+
+
+def test_continuing_a_cached_chat_with_a_new_image_equals_a_full_prefill(model, processor):
+    from transformers import DynamicCache
+
+    first = processor(text=prompt(processor), images=[make_image(COLORS[0])])
+    cache = DynamicCache(config=model.config)
+    out = model.generate(**first, max_new_tokens=3, min_new_tokens=3, do_sample=False, cache=cache)
+    second = processor(text=prompt(processor, "And this?"), images=[make_image(COLORS[1])])
+    ids = torch.cat([out, second["input_ids"]], dim=1)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    continued = model.generate(input_ids=ids, pixel_values=second["pixel_values"], cache=cache, **kwargs)
+    both = torch.cat([first["pixel_values"], second["pixel_values"]])
+    full = model.generate(input_ids=ids, pixel_values=both, **kwargs)
+    assert continued.tolist() == full.tolist()
+
+
+def test_positional_inputs_and_unsupported_options(model, processor):
+    batch = processor(text=prompt(processor), images=[make_image(COLORS[0])])
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    named = model.generate(**batch, **kwargs)
+    positional = model.generate(
+        batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], **kwargs
+    )
+    as_inputs = model.generate(
+        inputs=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], **kwargs
+    )
+    assert named.tolist() == positional.tolist() == as_inputs.tolist()
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        model.generate(**batch, prefill_chunk_size=4, **kwargs)
+    with pytest.raises(ValueError, match="assisted generation"):
+        model.generate(**batch, assistant_model=model, **kwargs)

@@ -89,7 +89,7 @@ def test_image_count_errors(processor):
     image = make_image((0, 0, 0))
     with pytest.raises(ValueError, match="2 image placeholders .* 1 images"):
         processor(text=RUN + RUN, images=[image])
-    with pytest.raises(ValueError, match="sample 1: text holds 0 image placeholders but 1"):
+    with pytest.raises(ValueError, match="sample 1: text holds 0 image placeholders but 1 images given"):
         processor(text=[RUN, "no image"], images=[[image], [image]])
     with pytest.raises(ValueError, match="zero size"):
         processor(text=RUN, images=[Image.new("RGB", (0, 4))])
@@ -142,6 +142,66 @@ def test_tokenize_loads_images_from_content_parts(processor, tmp_path):
     path = tmp_path / "red.png"
     make_image((255, 0, 0)).save(path)
     conv = [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "What?"}]}]
-    out = processor.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+    out = processor.apply_chat_template(conv, tokenize=True, return_dict=True, add_generation_prompt=True)
     assert out["pixel_values"].shape == (1, 3, 32, 32)
     assert out["input_ids"][0].tolist().count(processor.image_token_id) == N
+
+
+TOOLS = [{"type": "function", "function": {"name": "zoom", "parameters": {"type": "object", "properties": {}}}}]
+TEXT_CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6.", "reasoning_content": "add again"},
+    ],
+    [
+        {"role": "user", "content": "Zoom in."},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "zoom", "arguments": {"x": 1}}}]},
+        {"role": "tool", "content": "done"},
+        {"role": "tool", "content": "ok"},
+        {"role": "assistant", "content": "Zoomed."},
+    ],
+]
+
+
+@pytest.mark.parametrize("conv", TEXT_CONVERSATIONS)
+@pytest.mark.parametrize("tools", [None, TOOLS])
+@pytest.mark.parametrize("gen", [False, True])
+def test_text_only_conversations_render_like_qwen3(processor, conv, tools, gen):
+    from importlib.resources import files
+
+    qwen3 = (files("trl") / "chat_templates" / "qwen3.jinja").read_text()  # Qwen3's own template, shipped by TRL
+    if gen:
+        conv = conv[:-1]
+    kwargs = dict(tools=tools, add_generation_prompt=gen, enable_thinking=False)
+    expected = processor.tokenizer.apply_chat_template(conv, chat_template=qwen3, tokenize=False, **kwargs)
+    assert processor.apply_chat_template(conv, **kwargs) == expected
+
+
+def test_assistant_mask_covers_answer_and_end_of_turn(processor):
+    image = {"type": "image", "image": make_image((255, 0, 0))}
+    conv = [
+        {"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A red circle."},
+    ]
+    out = processor.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    ids, mask = out["input_ids"][0].tolist(), list(out["assistant_masks"][0])
+    answer = processor.tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert answer == "A red circle.<|im_end|>"
+
+
+def test_tokenizer_and_image_kwargs_are_routed(processor):
+    text = processor.apply_chat_template(user_turn("What is this?"))
+    image = make_image((1, 2, 3), size=(64, 64))
+    with pytest.raises(ValueError, match="truncation"):
+        processor(text=text, images=[image], truncation=True, max_length=5)
+    out = processor(text=text, images=[image], do_center_crop=False, size={"height": 16, "width": 16}, do_resize=True)
+    assert out["pixel_values"].shape == (1, 3, 16, 16)
+    prefill = processor.apply_chat_template(
+        user_turn("What is this?") + [{"role": "assistant", "content": "A red"}], continue_final_message=True
+    )
+    assert prefill.endswith("A red")

@@ -21,17 +21,29 @@ from .checkpoint import (
 from .config import VLMConfig
 from .hooks import PROJECTOR_ATTR, STATE_ATTR, VLMState, get_state, install, uninstall
 from .projector import CrossAttentionProjector, build_projector
-from .vision import VisionTower, load_vision_tower
+from .vision import VisionTower, load_vision_tower, vision_config_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def _as_tower(vision: VisionTower | PreTrainedModel | None, cfg: VLMConfig, base_dir: Path | None) -> VisionTower:
+def _as_tower(
+    vision: VisionTower | PreTrainedModel | None, cfg: VLMConfig, base_dir: Path | None
+) -> tuple[VisionTower, VLMConfig]:
+    """The tower to use, and the config rewritten to describe *that* tower, so a saved adapter
+    reloads with it rather than with whatever the config named before."""
     if vision is None:
-        return load_vision_tower(cfg, base_dir)
-    if isinstance(vision, VisionTower):
-        return vision
-    return VisionTower(vision, cfg.vision_feature_layer, source=getattr(vision.config, "_name_or_path", None) or None)
+        return load_vision_tower(cfg, base_dir), cfg
+    if not isinstance(vision, VisionTower):
+        vision = VisionTower(vision, cfg.vision_feature_layer, getattr(vision.config, "_name_or_path", None) or None)
+    if vision.feature_layer != cfg.vision_feature_layer:
+        raise ValueError(
+            f"the VisionTower given uses feature layer {vision.feature_layer} but the config says "
+            f"vision_feature_layer={cfg.vision_feature_layer}; make them agree."
+        )
+    if vision.source:
+        return vision, dataclasses.replace(cfg, vision_model=vision.source, vision_config=None)
+    # Random weights with no source: save_adapter writes them to the adapter dir.
+    return vision, dataclasses.replace(cfg, vision_model=None, vision_config=vision_config_dict(vision.model.config))
 
 
 def _fill_sizes(cfg: VLMConfig, tower: VisionTower, llm: nn.Module, source: str) -> VLMConfig:
@@ -72,7 +84,7 @@ def attach(
         cfg = VLMConfig.from_pretrained(directory)
         check_base(cfg, llm.config, str(directory))
     source = str(directory or "VLMConfig")
-    tower = _as_tower(vision, cfg, directory)
+    tower, cfg = _as_tower(vision, cfg, directory)
     cfg = _fill_sizes(cfg, tower, llm, source)
     embeddings = llm.get_input_embeddings()
     if cfg.image_token_id >= embeddings.num_embeddings:
@@ -89,7 +101,7 @@ def attach(
     elif isinstance(projector, CrossAttentionProjector):
         projector.match_output_scale(embeddings.weight.detach().float().pow(2).mean().sqrt().item())
 
-    state = VLMState(config=cfg, vision=tower)
+    state = VLMState(config=cfg, vision=tower, had_input_grad_hook=hasattr(llm, "_require_grads_hook"))
     state.requires_grad = {name: p.requires_grad for name, p in llm.named_parameters()}
     llm.requires_grad_(False)
     projector.requires_grad_(directory is None or is_trainable)
@@ -98,12 +110,17 @@ def attach(
 
     if directory is None or not (directory / ADAPTER_CONFIG).is_file():
         return llm
-    model = PeftModel.from_pretrained(llm, directory, is_trainable=is_trainable)
-    if not projector_matches_file(active_projector(llm), directory / PROJECTOR_FILE):
-        raise ValueError(
-            f"{directory}: the projector PEFT restored from adapter_model.safetensors differs from "
-            f"{PROJECTOR_FILE}; the adapter dir is inconsistent (re-save it with vlm_peft.save_adapter)."
-        )
+    model: nn.Module = llm
+    try:
+        model = PeftModel.from_pretrained(llm, directory, is_trainable=is_trainable)
+        if not projector_matches_file(active_projector(llm), directory / PROJECTOR_FILE):
+            raise ValueError(
+                f"{directory}: the projector PEFT restored from adapter_model.safetensors differs from "
+                f"{PROJECTOR_FILE}; the adapter dir is inconsistent (re-save it with vlm_peft.save_adapter)."
+            )
+    except Exception:
+        detach(model)  # leave the LLM as it was given
+        raise
     return model
 
 
@@ -113,6 +130,8 @@ def detach(model: nn.Module) -> PreTrainedModel:
         model = model.unload()
     llm = unwrap(model)
     state = uninstall(llm)
+    if hasattr(llm, "_require_grads_hook") and not state.had_input_grad_hook:
+        llm.disable_input_require_grads()  # PEFT/TRL add it for gradient checkpointing
     projector = getattr(llm, PROJECTOR_ATTR)
     del llm._modules[PROJECTOR_ATTR]
     del projector

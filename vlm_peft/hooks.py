@@ -1,10 +1,9 @@
 """The forward pre-hook and generate wrapper that splice images into an unmodified LLM.
 
 Follow `pixel_values`: `model(..., pixel_values=…)` -> `_splice_images` pops them, encodes
-them with the frozen tower, runs the projector on the placeholder embeddings and hands the
-decoder `inputs_embeds` instead of `input_ids`. `generate` encodes once up front and leaves
-the features pending for the forward calls that carry placeholders (prefill with a cache,
-every step without one).
+them with the frozen tower (`encode_images`), runs the projector on the placeholder embeddings
+and hands the decoder `inputs_embeds` instead of `input_ids` (`embed_with_images`).
+`generate(..., pixel_values=…)` does the same once, up front (`_generate`).
 """
 
 from __future__ import annotations
@@ -17,35 +16,12 @@ import torch
 from torch import nn
 
 from .config import VLMConfig
-from .splice import check_image_count, image_runs, placeholder_queries, scatter_image_embeds
+from .splice import check_image_count, image_runs
 from .vision import VisionTower
 
 PROJECTOR_ATTR = "vlm_projector"
 STATE_ATTR = "_vlm_state"
 IMAGE_KWARGS = ("pixel_values", "image_features")
-
-
-@dataclass
-class PendingImages:
-    """Image features handed from `generate` to the forward calls it makes."""
-
-    features: torch.Tensor
-    counts: list[int]
-
-    def for_rows(self, counts: list[int]) -> torch.Tensor:
-        # Beam search / num_return_sequences repeat each row k times in place (repeat_interleave);
-        # a sample's images must follow its rows, not be repeated image by image.
-        rows, k = len(counts), len(counts) // len(self.counts)
-        if k * len(self.counts) != rows or counts != [c for c in self.counts for _ in range(k)]:
-            raise ValueError(
-                f"generate was given images for placeholder runs {self.counts}, but a forward call "
-                f"holds runs {counts}; input_ids changed shape in a way vlm-peft cannot follow."
-            )
-        offsets = [0]
-        for c in self.counts:
-            offsets.append(offsets[-1] + c)
-        index = [offsets[r // k] + j for r in range(rows) for j in range(counts[r])]
-        return self.features[torch.tensor(index, device=self.features.device)]
 
 
 @dataclass
@@ -56,7 +32,7 @@ class VLMState:
     vision: VisionTower
     handles: list[Any] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
-    pending: PendingImages | None = None
+    had_input_grad_hook: bool = False
 
 
 def get_state(llm: nn.Module) -> VLMState:
@@ -93,59 +69,76 @@ def _positional_to_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     return kwargs
 
 
+def embed_with_images(llm: nn.Module, input_ids: torch.Tensor, features: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Token embeddings with the projected images written into the placeholder runs at or after
+    position `start` (earlier ones are already in a KV cache)."""
+    cfg = get_state(llm).config
+    embeds = llm.get_input_embeddings()(input_ids)
+    mask = input_ids == cfg.image_token_id
+    if start:
+        mask[:, :start] = False
+    queries = embeds[mask].view(-1, cfg.num_image_tokens, embeds.shape[-1])
+    image_embeds = getattr(llm, PROJECTOR_ATTR)(features, queries.to(features.dtype))
+    return embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+
+def _count_images(llm: nn.Module, input_ids: torch.Tensor, images: torch.Tensor | None) -> int:
+    """Validate placeholder runs against the images given; returns the number of images."""
+    cfg = get_state(llm).config
+    counts = image_runs(input_ids, cfg.image_token_id, cfg.num_image_tokens, cfg.image_token)
+    num_images = 0 if images is None else images.shape[0]
+    check_image_count(counts, num_images)
+    return num_images
+
+
 def _splice_images(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    state = get_state(module)
-    cfg = state.config
     kwargs = _positional_to_kwargs(module, args, kwargs)
     pixel_values = kwargs.pop("pixel_values", None)
     image_features = kwargs.pop("image_features", None)
-    given = pixel_values if image_features is None else image_features
-    num_given = 0 if given is None else given.shape[0]
+    images = pixel_values if image_features is None else image_features
     input_ids = kwargs.get("input_ids")
     if input_ids is None:
-        if num_given:
+        if images is not None and images.shape[0]:
             raise ValueError("images were passed with inputs_embeds; pass input_ids holding the image placeholders.")
         return (), kwargs
-    counts = image_runs(input_ids, cfg.image_token_id, cfg.num_image_tokens, cfg.image_token)
-    if sum(counts) == 0 and num_given == 0:
-        return (), kwargs
-    if num_given:
-        check_image_count(counts, num_given)
+    if _count_images(module, input_ids, images):
         features = encode_images(module, pixel_values, image_features)
-    elif state.pending is not None:
-        features = state.pending.for_rows(counts)
-    else:
-        check_image_count(counts, 0)
-    embeds = module.get_input_embeddings()(input_ids)
-    queries = placeholder_queries(embeds, input_ids, cfg.image_token_id, cfg.num_image_tokens)
-    image_embeds = getattr(module, PROJECTOR_ATTR)(features, queries.to(features.dtype))
-    kwargs["inputs_embeds"] = scatter_image_embeds(embeds, input_ids, cfg.image_token_id, image_embeds)
-    kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = embed_with_images(module, input_ids, features)
+        kwargs["input_ids"] = None
     return (), kwargs
 
 
 def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    state = get_state(self)
-    cfg = state.config
+    """Splice the images once, then let transformers generate from `input_ids` + `inputs_embeds`:
+    it expands rows for beams / num_return_sequences itself and feeds the embeddings at prefill
+    only, so the images are encoded once however generation proceeds."""
+    cfg = get_state(self).config
     # Placeholders are input-only: a generated one would start a run no image can fill.
     generation_config = kwargs.get("generation_config") or self.generation_config
     suppress = kwargs.pop("suppress_tokens", None) or generation_config.suppress_tokens or []
     kwargs["suppress_tokens"] = sorted(set(suppress) | {cfg.image_token_id})
     pixel_values = kwargs.pop("pixel_values", None)
     image_features = kwargs.pop("image_features", None)
-    given = pixel_values if image_features is None else image_features
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    if given is None or (given.shape[0] == 0 and input_ids is not None):
-        return type(self).generate(self, *args, **kwargs)
+    images = pixel_values if image_features is None else image_features
+    if args:
+        kwargs["inputs"], args = args[0], args[1:]
+    input_ids = kwargs.pop("input_ids", kwargs.pop("inputs", None))
     if input_ids is None:
-        raise ValueError("generate with images needs input_ids holding the image placeholders.")
-    counts = image_runs(input_ids, cfg.image_token_id, cfg.num_image_tokens, cfg.image_token)
-    check_image_count(counts, given.shape[0])
-    state.pending = PendingImages(encode_images(self, pixel_values, image_features), counts)
-    try:
+        if images is not None and images.shape[0]:
+            raise ValueError("generate with images needs input_ids holding the image placeholders.")
         return type(self).generate(self, *args, **kwargs)
-    finally:
-        state.pending = None
+    # Runs already in a passed KV cache (a continued chat) need no image: only the new part does.
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    start = cache.get_seq_length() if cache is not None else 0
+    if _count_images(self, input_ids[:, start:], images) and "inputs_embeds" not in kwargs:
+        if kwargs.get("prefill_chunk_size") or generation_config.prefill_chunk_size:
+            raise ValueError("prefill_chunk_size cannot split images across chunks; unset it for image prompts.")
+        if kwargs.get("assistant_model") is not None:
+            raise ValueError("assisted generation with images is not supported; drop assistant_model.")
+        with torch.no_grad():
+            features = encode_images(self, pixel_values, image_features)
+            kwargs["inputs_embeds"] = embed_with_images(self, input_ids, features, start=start)
+    return type(self).generate(self, *args, input_ids=input_ids, **kwargs)
 
 
 def install(llm: nn.Module, state: VLMState) -> None:

@@ -33,20 +33,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _image_parts(conversation: list[dict]) -> list[Any]:
-    images = []
-    for message in conversation:
-        content = message.get("content")
-        if isinstance(content, list):
-            for part in content:
-                if part.get("type") in ("image", "image_url"):
-                    source = part.get("image", part.get("path", part.get("url", part.get("image_url"))))
-                    if source is None:
-                        raise ValueError(f"image content part {part} names no image (use 'image', 'path' or 'url').")
-                    images.append(source)
-    return images
-
-
 class VLMProcessor(ProcessorMixin):
     """Tokenizer + image processor for a vlm-peft model.
 
@@ -69,6 +55,8 @@ class VLMProcessor(ProcessorMixin):
         self.image_token = image_token
         self.vision_start_token = vision_start_token
         self.vision_end_token = vision_end_token
+        if tokenizer is None or image_processor is None:
+            raise ValueError("VLMProcessor needs both an image processor and a tokenizer.")
         needed = [image_token, vision_start_token, vision_end_token, *CHAT_TOKENS]
         vocab = tokenizer.get_vocab()
         missing = [t for t in needed if t not in vocab]
@@ -88,70 +76,48 @@ class VLMProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
 
-    def apply_chat_template(
-        self,
-        conversation: list[dict] | list[list[dict]],
-        add_generation_prompt: bool = False,
-        tokenize: bool = False,
-        enable_thinking: bool = False,
-        **kwargs: Any,
-    ) -> str | list[str] | BatchFeature:
-        """Render with image slots already expanded; with `tokenize=True`, also load the images
-        named in the content parts and return model inputs."""
-        batched = bool(conversation) and isinstance(conversation[0], list)
-        conversations = conversation if batched else [conversation]
-        texts = [
-            self.tokenizer.apply_chat_template(
-                conv,
-                chat_template=self.chat_template,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=False,
-                image_placeholder=self.image_placeholder,
-                enable_thinking=enable_thinking,
-            )
-            for conv in conversations
-        ]
-        if not tokenize:
-            return texts if batched else texts[0]
-        images = [
-            [load_image(src) if not isinstance(src, Image.Image) else src for src in _image_parts(conv)]
-            for conv in conversations
-        ]
-        return self(text=texts, images=images if any(images) else None, **kwargs)
+    def apply_chat_template(self, conversation: list[dict] | list[list[dict]], **kwargs: Any) -> Any:
+        """transformers' processor `apply_chat_template` (tokenize, return_dict, images from content
+        parts, tools, assistant masks), rendering image slots expanded and Qwen3's non-thinking mode
+        unless `enable_thinking=True`."""
+        kwargs.setdefault("enable_thinking", False)
+        kwargs.setdefault("image_placeholder", self.image_placeholder)
+        return super().apply_chat_template(conversation, **kwargs)
 
     def __call__(
         self,
         text: str | list[str] | None = None,
         images: Any = None,
-        return_tensors: str | None = "pt",
         **kwargs: Any,
     ) -> BatchFeature:
         """Tokenize `text` and turn `images` (flat in reading order, or one list per sample) into
-        `pixel_values`; the placeholder runs must match the images one to one."""
+        `pixel_values`; the placeholder runs must match the images one to one. Keyword arguments
+        are routed to the tokenizer or the image processor as in every transformers processor."""
         if text is None:
             raise ValueError("VLMProcessor needs text holding one image placeholder per image.")
         texts = [text] if isinstance(text, str) else list(text)
         collapsed = self.vision_start_token + self.image_token + self.vision_end_token
         texts = [t.replace(collapsed, self.image_placeholder) for t in texts]
         flat, per_sample = self._flatten_images(images, len(texts))
-        # Tensors need equal lengths; pad batches unless the caller decides.
-        kwargs.setdefault("padding", return_tensors is not None and len(texts) > 1)
-        encoded = self.tokenizer(texts, return_tensors=None, **kwargs)
+        kwargs.setdefault("return_tensors", "pt")
+        # Tensors need equal lengths: pad batches unless the caller decides.
+        kwargs.setdefault("padding", len(texts) > 1)
+        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = merged["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        encoded = self.tokenizer(texts, **text_kwargs)
         counts = []
         for row, ids in enumerate(encoded["input_ids"]):
-            # Per sample, so an error names the sample of the batch.
+            # Per sample, so that an error names the sample of the batch.
             try:
-                counts.append(
-                    image_runs(torch.tensor([ids]), self.image_token_id, self.num_image_tokens, self.image_token)[0]
-                )
+                runs = image_runs(torch.tensor([ids]), self.image_token_id, self.num_image_tokens, self.image_token)
             except ValueError as err:
                 raise ValueError(str(err).replace("sample 0", f"sample {row}", 1)) from None
+            counts.append(runs[0])
         if per_sample is not None:
             for row, (have, want) in enumerate(zip(counts, per_sample)):
                 if have != want:
-                    raise ValueError(
-                        f"sample {row}: text holds {have} image placeholders but {want} images were given."
-                    )
+                    raise ValueError(f"sample {row}: text holds {have} image placeholders but {want} images given.")
         elif sum(counts) != len(flat):
             raise ValueError(
                 f"text holds {sum(counts)} image placeholders ({counts} per sample) but {len(flat)} images were given."
@@ -160,12 +126,13 @@ class VLMProcessor(ProcessorMixin):
         if flat:
             rgb = []
             for i, image in enumerate(flat):
+                if isinstance(image, str):
+                    image = load_image(image)
                 if not isinstance(image, Image.Image):
-                    raise ValueError(
-                        f"image {i} is a {type(image).__name__}; pass PIL images (or paths via apply_chat_template)."
-                    )
+                    raise ValueError(f"image {i} is a {type(image).__name__}; pass PIL images or paths.")
                 rgb.append(to_rgb(image))
-            data["pixel_values"] = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+            images_kwargs = {**merged["images_kwargs"], "return_tensors": "pt"}
+            data["pixel_values"] = self.image_processor(images=rgb, **images_kwargs)["pixel_values"]
         return BatchFeature(data, tensor_type=return_tensors)
 
     @staticmethod

@@ -86,6 +86,11 @@ def build_vision_model(config: dict[str, Any] | PretrainedConfig) -> PreTrainedM
     return AutoModel.from_config(_vision_part(config))
 
 
+def vision_config_dict(config: PretrainedConfig) -> dict[str, Any]:
+    """A tower's config as `VLMConfig.vision_config` holds it."""
+    return {**config.to_dict(), "model_type": config.model_type}
+
+
 def load_vision_tower(cfg: VLMConfig, base_dir: str | Path | None = None) -> VisionTower:
     """Build the tower a config names. `./sub` paths are relative to `base_dir` (an adapter dir)."""
     if cfg.vision_model is None:
@@ -93,6 +98,5 @@ def load_vision_tower(cfg: VLMConfig, base_dir: str | Path | None = None) -> Vis
     source = cfg.vision_model
     if source.startswith("./") and base_dir is not None:
         source = str(Path(base_dir) / source[2:])
-    vision_config = _vision_part(AutoConfig.from_pretrained(source))
-    model = AutoModel._model_mapping[type(vision_config)].from_pretrained(source)
+    model = AutoModel.from_pretrained(source, config=_vision_part(AutoConfig.from_pretrained(source)))
     return VisionTower(model, cfg.vision_feature_layer, source=cfg.vision_model)
