@@ -124,3 +124,23 @@ def projector_matches_file(projector: nn.Module, path: Path) -> bool:
     saved = load_file(str(path))
     current = projector.state_dict()
     return all(torch.equal(saved[k], current[k].detach().cpu().to(saved[k].dtype)) for k in saved)
+
+
+def load_training_weights(model: nn.Module, directory: str | Path) -> None:
+    """Restore projector (and LoRA) weights from a checkpoint dir into a model of the same shape."""
+    from peft import set_peft_model_state_dict
+
+    directory = Path(directory)
+    llm = unwrap(model)
+    load_projector(active_projector(llm), directory / PROJECTOR_FILE)
+    if isinstance(model, PeftModel):
+        path = directory / "adapter_model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the checkpoint has no LoRA weights but the model has LoRA.")
+        result = set_peft_model_state_dict(model, load_file(str(path)))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{path} does not match the model's adapters: missing {missing[:5]}, unexpected "
+                f"{list(result.unexpected_keys)[:5]}."
+            )

@@ -1,0 +1,138 @@
+"""The canonical dataset format and reading it.
+
+A row is `{"messages": [...], "images": [...]}`: `messages` in transformers' multimodal chat
+format (`content` a list of `{"type": "text", "text": …}` / `{"type": "image"}` parts; plain
+strings are accepted and turned into one text part), `images` the images of the row in the
+order of the image parts, each a path (relative to the image root, or absolute) or embedded
+bytes (`{"bytes": …}` as `datasets.Image` stores them). Files: JSONL, JSON (a list of rows),
+parquet, or a dir written by `Dataset.save_to_disk`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _parts(content: Any, where: str) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}.")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif kind == "image":
+            parts.append({"type": "image", "text": None})
+        else:
+            raise ValueError(f"{where}: content part {part!r} is neither {{'type': 'text'}} nor {{'type': 'image'}}.")
+    return parts
+
+
+def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """One row in canonical form, or a ValueError that names the row and the field."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}.")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ValueError(f"{where}: messages[{i}] needs a role in {list(ROLES)}, got {message!r}.")
+        out.append({"role": message["role"], "content": _parts(message.get("content"), f"{where}: messages[{i}]")})
+    images = row.get("images") or []
+    if isinstance(images, (str, dict)):
+        images = [images]
+    slots = sum(p["type"] == "image" for m in out for p in m["content"])
+    if slots != len(images):
+        raise ValueError(f"{where}: {slots} image parts in messages but {len(images)} entries in 'images'.")
+    if out[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's answer (found {out[-1]['role']!r}).")
+    return {"messages": out, "images": [img if isinstance(img, str) else dict(img) for img in images]}
+
+
+def _json_rows(path: Path) -> Iterator[dict[str, Any]]:
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json dataset must hold a list of rows.")
+        yield from ((f"{path}: row {i}", row) for i, row in enumerate(data))
+        return
+    with path.open() as handle:
+        for line_no, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{line_no}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON: {err}") from err
+
+
+def load_rows(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
+    """Read a dataset file in the canonical format; every row is checked."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} not found.")
+    if fmt == "auto":
+        fmt = "arrow" if path.is_dir() else {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+        if fmt is None:
+            raise ValueError(f"{path}: unknown suffix; set data.format to one of jsonl, json, parquet, arrow.")
+    if fmt in ("jsonl", "json"):
+        # Parsed here, not by datasets' JSON loader: content mixing strings and part lists has no Arrow schema.
+        rows = [normalize_row(row, where) for where, row in _json_rows(path)]
+        if not rows:
+            raise ValueError(f"{path}: the dataset is empty.")
+        return datasets.Dataset.from_list(rows)
+    raw = datasets.load_from_disk(str(path)) if fmt == "arrow" else datasets.Dataset.from_parquet(str(path))
+    if "messages" not in raw.column_names:
+        raise ValueError(f"{path}: no 'messages' column (columns: {raw.column_names}).")
+    for i, row in enumerate(raw):
+        normalize_row(row, f"{path}: row {i}")
+    return raw
+
+
+def open_image(ref: str | dict[str, Any], image_root: str | Path | None, where: str) -> Image.Image:
+    """A row's image: a path under the image root, an absolute path, or embedded bytes."""
+    try:
+        if isinstance(ref, dict) and ref.get("bytes"):
+            image = Image.open(io.BytesIO(ref["bytes"]))
+        else:
+            name = ref.get("path") if isinstance(ref, dict) else ref
+            path = Path(name)
+            if not path.is_absolute() and image_root is not None:
+                path = Path(image_root) / path
+            image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: image {ref!r} not found (image root: {image_root}).") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{where}: image {ref if isinstance(ref, str) else '<bytes>'} cannot be read: {err}") from None
+    return image
+
+
+def with_images(messages: list[dict[str, Any]], images: list[Image.Image]) -> list[dict[str, Any]]:
+    """The conversation with each image part holding its PIL image, in order."""
+    it = iter(images)
+    return [
+        {
+            "role": m["role"],
+            "content": [
+                {"type": "image", "image": next(it)} if p["type"] == "image" else {"type": "text", "text": p["text"]}
+                for p in m["content"]
+            ],
+        }
+        for m in messages
+    ]

@@ -1,0 +1,327 @@
+"""YAML recipes: one file describes a whole run, validated completely before any model is built.
+
+Every error names the key path (`stages.sft.args.max_stpes`) and what is allowed there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import PROJECTOR_KINDS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRAINABLE = ("projector", "lora")
+DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")
+# SFTConfig fields the trainer sets itself, with what to use instead.
+RESERVED_ARGS = {
+    "output_dir": "set the recipe's top-level output_dir; each stage writes to output_dir/<stage name>",
+    "learning_rate": "use lr.projector and lr.lora of the stage",
+    "remove_unused_columns": "the collator needs every column; vlm-peft sets it",
+    "dataset_kwargs": "vlm-peft prepares the dataset itself",
+    "dataset_text_field": "rows are conversations in `messages`",
+    "packing": "packing would split image placeholder runs",
+    "padding_free": "not supported with images",
+    "assistant_only_loss": "labels are always masked to the assistant's tokens",
+    "completion_only_loss": "labels are always masked to the assistant's tokens",
+    "load_best_model_at_end": "not supported yet; evaluate the checkpoints instead",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key path."""
+
+
+@dataclass
+class ModelSpec:
+    """A model from a local dir / hub id (`name_or_path`), or random weights from an inline config."""
+
+    name_or_path: str | None = None
+    random: dict[str, Any] | None = None
+    dtype: str = "auto"
+
+
+@dataclass
+class LLMSpec(ModelSpec):
+    # Required with `random`; defaults to name_or_path otherwise.
+    tokenizer: str | None = None
+
+
+@dataclass
+class VisionSpec(ModelSpec):
+    feature_layer: int = -1
+    # Defaults to name_or_path; with `random`, a CLIP processor at the config's image size.
+    image_processor: str | None = None
+
+
+@dataclass
+class ProjectorSpec:
+    kind: str = "cross_attention"
+    num_image_tokens: int = 196
+    layers: int = 2
+    heads: int = 8
+    ffn_mult: int = 4
+    dropout: float = 0.1
+
+
+@dataclass
+class DataSpec:
+    train: str
+    eval: str | None = None
+    format: str = "auto"
+    image_root: str | None = None
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # None: the decoder's q/k/v/o/gate/up/down projections (never the projector or the tower).
+    target_modules: list[str] | str | None = None
+
+
+@dataclass
+class LRSpec:
+    projector: float = 2e-4
+    lora: float = 2e-5
+
+
+@dataclass
+class EvalSpec:
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    max_samples: int | None = None
+
+
+@dataclass
+class StageSpec:
+    name: str
+    data: DataSpec
+    train: list[str] = field(default_factory=lambda: ["projector"])
+    lora: LoraSpec | None = None
+    lr: LRSpec = field(default_factory=LRSpec)
+    args: dict[str, Any] = field(default_factory=dict)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+@dataclass
+class Recipe:
+    output_dir: str
+    llm: LLMSpec
+    vision: VisionSpec
+    stages: list[StageSpec]
+    projector: ProjectorSpec = field(default_factory=ProjectorSpec)
+    name: str | None = None
+    seed: int = 0
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise RecipeError(f"no stage named {name!r}; the recipe has {[s.name for s in self.stages]}.")
+
+    def stage_dir(self, name: str) -> Path:
+        return Path(self.output_dir) / name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, path)
+            except RecipeError as err:
+                errors.append(str(err))
+        allowed = " or ".join(_type_name(o) for o in options)
+        raise RecipeError(f"{path}: expected {allowed}, got {value!r}.")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: expected a list, got {value!r}.")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise RecipeError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise RecipeError(f"{_join(path, key)}: unknown key{hint}; allowed: {sorted(fields)}.")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{_join(path, name)}: required key is missing.")
+    return cls(**kwargs)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _choice(value: Any, allowed: tuple, path: str) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{path}: {value!r} is not one of {list(allowed)}.")
+
+
+def _check_model(spec: ModelSpec, path: str) -> None:
+    if (spec.name_or_path is None) == (spec.random is None):
+        raise RecipeError(f"{path}: set exactly one of name_or_path (dir or hub id) and random (an inline config).")
+    _choice(spec.dtype, DTYPES, f"{path}.dtype")
+
+
+def _check_args(args: dict[str, Any], path: str) -> None:
+    from trl import SFTConfig
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    for key in args:
+        if key in RESERVED_ARGS:
+            raise RecipeError(f"{path}.{key}: not allowed here: {RESERVED_ARGS[key]}.")
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise RecipeError(f"{path}.{key}: not an SFTConfig argument{hint}.")
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Cross-field checks that types alone cannot express."""
+    _check_model(recipe.llm, "llm")
+    _check_model(recipe.vision, "vision")
+    if recipe.llm.random is not None and recipe.llm.tokenizer is None:
+        raise RecipeError("llm.tokenizer: required with llm.random (a random model has no tokenizer of its own).")
+    p = recipe.projector
+    _choice(p.kind, PROJECTOR_KINDS, "projector.kind")
+    for name in ("num_image_tokens", "layers", "heads", "ffn_mult"):
+        if getattr(p, name) < 1:
+            raise RecipeError(f"projector.{name}: must be >= 1, got {getattr(p, name)}.")
+    if not 0 <= p.dropout < 1:
+        raise RecipeError(f"projector.dropout: must be in [0, 1), got {p.dropout}.")
+    if recipe.vision.random is not None and p.kind != "cross_attention":
+        cfg = recipe.vision.random
+        if "image_size" in cfg and "patch_size" in cfg:
+            patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
+            if p.num_image_tokens != patches:
+                raise RecipeError(
+                    f"projector.num_image_tokens: projector kind {p.kind!r} emits one token per patch, so it must be "
+                    f"{patches} for this tower, got {p.num_image_tokens}."
+                )
+    if not recipe.stages:
+        raise RecipeError("stages: at least one stage is required.")
+    names = [s.name for s in recipe.stages]
+    for i, stage in enumerate(recipe.stages):
+        path = f"stages.{stage.name}"
+        if names.count(stage.name) > 1:
+            raise RecipeError(f"stages[{i}].name: {stage.name!r} is used twice; stage names must be unique.")
+        if not stage.train:
+            raise RecipeError(f"{path}.train: list what the stage trains: {list(TRAINABLE)}.")
+        for j, what in enumerate(stage.train):
+            _choice(what, TRAINABLE, f"{path}.train[{j}]")
+        if stage.lora is not None and "lora" not in stage.train:
+            raise RecipeError(f"{path}.lora: LoRA settings given but 'lora' is not in {path}.train.")
+        if "lora" in stage.train and stage.lora is None:
+            stage.lora = LoraSpec()
+        _choice(stage.data.format, DATA_FORMATS, f"{path}.data.format")
+        for name in ("projector", "lora"):
+            if getattr(stage.lr, name) <= 0:
+                raise RecipeError(f"{path}.lr.{name}: must be > 0, got {getattr(stage.lr, name)}.")
+        _check_args(stage.args, f"{path}.args")
+    return recipe
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected key.path=value, e.g. stages.sft.args.max_steps=10.")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_override(data: dict[str, Any], text: str) -> None:
+    """`stages.<name>.x=v` addresses a stage by name (or index); values are parsed as YAML."""
+    keys, value = _parse_override(text)
+    node: Any = data
+    walked = []
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        walked.append(key)
+        if isinstance(node, list):
+            match = [s for s in node if isinstance(s, dict) and s.get("name") == key]
+            if match:
+                index = node.index(match[0])
+            elif key.isdigit() and int(key) < len(node):
+                index = int(key)
+            else:
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                raise RecipeError(f"--set {text}: no stage {key!r} at {'.'.join(walked[:-1])}; stages are {names}.")
+            if last:
+                node[index] = value
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise RecipeError(f"--set {text}: {'.'.join(walked[:-1])} is a value, not a mapping.")
+
+
+def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; nothing is built."""
+    if isinstance(source, dict):
+        data, where = dict(source), "recipe"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} not found.")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from err
+        where = str(path)
+    for text in overrides:
+        apply_override(data, text)
+    try:
+        return validate(_build(Recipe, data, ""))
+    except RecipeError as err:
+        raise RecipeError(f"{where}: {err}") from None
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

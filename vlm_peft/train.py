@@ -1,0 +1,249 @@
+"""Running a recipe: build (or reuse) the models, then train each stage with `VLMTrainer`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig
+
+from .attach import attach
+from .collator import VLMCollator
+from .config import CONFIG_NAME, VLMConfig
+from .data import load_rows
+from .evaluate import evaluate, format_summary
+from .hooks import PROJECTOR_ATTR
+from .lora import add_lora, lora_config
+from .processor import VLMProcessor
+from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
+from .tiny import tiny_image_processor
+from .vision import build_vision_model
+
+logger = logging.getLogger(__name__)
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+RANDOM_BASE, RANDOM_VISION = "base", "vision"
+
+
+def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
+    """The stage's trainer arguments; built before any model so a bad value fails in seconds."""
+    args: dict[str, Any] = {
+        "seed": recipe.seed,
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "gradient_checkpointing": torch.cuda.is_available(),
+        "report_to": "none",
+        "logging_steps": 10,
+        "save_strategy": "steps",
+        "save_steps": 500,
+        "save_total_limit": 2,
+        **stage.args,
+        "output_dir": str(recipe.stage_dir(stage.name)),
+        "learning_rate": stage.lr.projector,
+        "remove_unused_columns": False,
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+    }
+    try:
+        return SFTConfig(**args)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"stages.{stage.name}.args: {err}") from err
+
+
+def _tokenizer(recipe: Recipe) -> Any:
+    source = recipe.llm.tokenizer or recipe.llm.name_or_path
+    return AutoTokenizer.from_pretrained(source)
+
+
+def prepare_base(recipe: Recipe, tokenizer: Any) -> str:
+    """The base LLM's dir. A random base is built once (seeded) and saved under output_dir, so
+    every stage, evaluation and merge sees the very same weights."""
+    if recipe.llm.name_or_path is not None:
+        return recipe.llm.name_or_path
+    path = Path(recipe.output_dir) / RANDOM_BASE
+    if (path / "config.json").is_file():
+        return str(path)
+    spec = dict(recipe.llm.random)
+    model_type = spec.pop("model_type", "qwen3")
+    vocab = spec.setdefault("vocab_size", len(tokenizer))
+    if vocab < len(tokenizer):
+        raise RecipeError(f"llm.random.vocab_size: {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens.")
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    spec.setdefault("eos_token_id", eos)
+    spec.setdefault("pad_token_id", tokenizer.pad_token_id)
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec))
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    logger.info("built a random %s base (%s parameters) in %s", model_type, f"{model.num_parameters():,}", path)
+    return str(path)
+
+
+def prepare_vision(recipe: Recipe) -> str:
+    """The vision tower's dir (a random one is built once and saved, with its image processor)."""
+    if recipe.vision.name_or_path is not None:
+        return recipe.vision.name_or_path
+    path = Path(recipe.output_dir) / RANDOM_VISION
+    if not (path / "config.json").is_file():
+        torch.manual_seed(recipe.seed + 1)
+        model = build_vision_model(recipe.vision.random)
+        model.save_pretrained(path)
+        tiny_image_processor(model.config.image_size).save_pretrained(path)
+    return str(path)
+
+
+def build_processor(recipe: Recipe, tokenizer: Any, vision_dir: str) -> VLMProcessor:
+    image_processor = AutoImageProcessor.from_pretrained(recipe.vision.image_processor or vision_dir)
+    return VLMProcessor(image_processor, tokenizer, num_image_tokens=recipe.projector.num_image_tokens)
+
+
+def load_llm(base: str, dtype: str) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(base, dtype=DTYPE[dtype])
+
+
+def new_vlm_config(recipe: Recipe, vision_dir: str, processor: VLMProcessor) -> VLMConfig:
+    p = recipe.projector
+    return VLMConfig(
+        vision_model=vision_dir,
+        vision_feature_layer=recipe.vision.feature_layer,
+        projector=p.kind,
+        num_image_tokens=p.num_image_tokens,
+        projector_layers=p.layers,
+        projector_heads=p.heads,
+        projector_ffn_mult=p.ffn_mult,
+        projector_dropout=p.dropout,
+        image_token_id=processor.image_token_id,
+    )
+
+
+def is_complete(stage_dir: Path) -> bool:
+    return (stage_dir / CONFIG_NAME).is_file() and (stage_dir / "recipe.yaml").is_file()
+
+
+def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Path | None, new_cfg: VLMConfig):
+    """The attached model for a stage: new projector, or the previous stage's; LoRA as the stage says."""
+    llm = load_llm(base, recipe.llm.dtype)
+    model = attach(llm, init_from, is_trainable=True) if init_from else attach(llm, new_cfg)
+    if "lora" in stage.train and not isinstance(model, PeftModel):
+        spec = stage.lora
+        model = add_lora(
+            model,
+            lora_config(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules),
+        )
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_("lora" in stage.train)
+        elif PROJECTOR_ATTR in name and "original_module" not in name:
+            param.requires_grad_("projector" in stage.train)
+    return model
+
+
+def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
+    counts = {"projector": 0, "lora": 0, "total": 0}
+    for name, param in model.named_parameters():
+        counts["total"] += param.numel()
+        if param.requires_grad:
+            counts["lora" if "lora_" in name else "projector"] += param.numel()
+    return counts
+
+
+def run_stage(recipe: Recipe, stage: StageSpec, args: SFTConfig, model, processor, resume: bool | None) -> dict:
+    stage_dir = recipe.stage_dir(stage.name)
+    image_root = stage.data.image_root or str(Path(stage.data.train).parent)
+    train_rows = load_rows(stage.data.train, stage.data.format)
+    eval_rows = load_rows(stage.data.eval, stage.data.format) if stage.data.eval else None
+    counts = trainable_counts(model)
+    logger.info(
+        "stage %s: %d train rows, trainable projector %s + LoRA %s of %s parameters",
+        stage.name,
+        len(train_rows),
+        f"{counts['projector']:,}",
+        f"{counts['lora']:,}",
+        f"{counts['total']:,}",
+    )
+    trainer = _make_trainer(model, args, processor, train_rows, image_root, stage)
+    checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() and resume is not False else None
+    if resume and checkpoint is None:
+        logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
+    if checkpoint:
+        logger.info("stage %s: resuming from %s", stage.name, checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(stage_dir))
+    dump_recipe(recipe, stage_dir / "recipe.yaml")
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step, **counts}
+    if eval_rows is not None:
+        image_root_eval = stage.data.image_root or str(Path(stage.data.eval).parent)
+        summary, predictions = evaluate(
+            trainer.model,
+            processor,
+            eval_rows,
+            image_root_eval,
+            batch_size=stage.eval.batch_size,
+            max_new_tokens=stage.eval.max_new_tokens,
+            max_samples=stage.eval.max_samples,
+        )
+        metrics.update({f"eval_{k}": v for k, v in summary.items()})
+        with (stage_dir / "eval_predictions.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(p) + "\n" for p in predictions)
+        logger.info("stage %s held-out:\n%s", stage.name, format_summary(summary))
+    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _make_trainer(model, args: SFTConfig, processor, train_rows, image_root: str, stage: StageSpec):
+    from .trainer import VLMTrainer
+
+    return VLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        processing_class=processor,
+        data_collator=VLMCollator(processor, image_root, max_length=args.max_length),
+        projector_lr=stage.lr.projector,
+        lora_lr=stage.lr.lora,
+    )
+
+
+def train(recipe: Recipe, stage: str | None = None, resume: bool | None = None, overwrite: bool = False) -> dict:
+    """Run the recipe's stages in order (or one `stage`); returns metrics per stage.
+
+    A finished stage (adapter dir written) is skipped unless `overwrite`; an interrupted one
+    resumes from its last checkpoint unless `resume=False`.
+    """
+    if stage is not None:
+        recipe.stage(stage)  # fail fast on a wrong name
+    configs = {s.name: sft_config(recipe, s) for s in recipe.stages}
+    tokenizer = _tokenizer(recipe)
+    base = prepare_base(recipe, tokenizer)
+    vision_dir = prepare_vision(recipe)
+    processor = build_processor(recipe, tokenizer, vision_dir)
+    new_cfg = new_vlm_config(recipe, vision_dir, processor)
+    results: dict[str, Any] = {}
+    previous: Path | None = None
+    for index, spec in enumerate(recipe.stages):
+        stage_dir = recipe.stage_dir(spec.name)
+        if stage is not None and spec.name != stage:
+            previous = stage_dir if is_complete(stage_dir) else None
+            continue
+        if is_complete(stage_dir) and not overwrite:
+            logger.info("stage %s: already done in %s (--overwrite retrains it)", spec.name, stage_dir)
+            results[spec.name] = json.loads((stage_dir / "metrics.json").read_text())
+            previous = stage_dir
+            continue
+        if index and previous is None:
+            raise RecipeError(
+                f"stage {spec.name} starts from stage {recipe.stages[index - 1].name}, which has not run."
+            )
+        if overwrite and stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        model = build_stage_model(recipe, spec, base, previous, new_cfg)
+        results[spec.name] = run_stage(recipe, spec, configs[spec.name], model, processor, resume)
+        previous = stage_dir
+    return results

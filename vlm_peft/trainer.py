@@ -1,0 +1,64 @@
+"""`VLMTrainer`: TRL's SFTTrainer with separate projector / LoRA learning rates and adapter-dir checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl import SFTTrainer
+
+from .checkpoint import load_training_weights, save_adapter
+from .hooks import PROJECTOR_ATTR
+
+
+class VLMTrainer(SFTTrainer):
+    """Checkpoints are adapter dirs (projector + LoRA in safetensors, no LLM copy), so resuming
+    restores exactly what trains; the optimizer has one learning rate for the projector and
+    another for LoRA (a tiny projector needs ~10x the LoRA rate to learn without collapse)."""
+
+    def __init__(self, *args: Any, projector_lr: float, lora_lr: float, **kwargs: Any) -> None:
+        self.projector_lr = projector_lr
+        self.lora_lr = lora_lr
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if "lora_" in name:
+                lr = self.lora_lr
+            elif PROJECTOR_ATTR in name:
+                lr = self.projector_lr
+            else:
+                lr = self.args.learning_rate
+            wd = self.args.weight_decay if name in decay else 0.0
+            groups.setdefault((lr, wd), []).append(param)
+        if not groups:
+            raise ValueError("nothing to train: no parameter requires grad (check the stage's `train` list).")
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        kwargs.pop("lr", None)
+        param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        self.optimizer = optimizer_cls(param_groups, **kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss_only = loss[0] if return_outputs else loss
+        if model.training and not loss_only.requires_grad:
+            # A batch without images leaves a frozen LLM's loss without a graph; keep backward valid.
+            zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            loss_only = loss_only + zero
+            return (loss_only, loss[1]) if return_outputs else loss_only
+        return loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            save_adapter(self.model, output_dir or self.args.output_dir, processor=self.processing_class)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        load_training_weights(self.model if model is None else model, resume_from_checkpoint)
