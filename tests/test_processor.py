@@ -205,3 +205,13 @@ def test_tokenizer_and_image_kwargs_are_routed(processor):
         user_turn("What is this?") + [{"role": "assistant", "content": "A red"}], continue_final_message=True
     )
     assert prefill.endswith("A red")
+
+
+def test_generation_prompt_tokens_are_a_prefix_of_the_training_tokens(processor):
+    # Otherwise the model is trained on answers tokenized unlike what it sees at generation.
+    conv = user_turn("What is this?") + [{"role": "assistant", "content": "A red circle."}]
+    image = [make_image((1, 2, 3))]
+    full = processor(text=processor.apply_chat_template(conv), images=image)["input_ids"][0].tolist()
+    prompt = processor(text=processor.apply_chat_template(conv[:1], add_generation_prompt=True), images=image)
+    prompt = prompt["input_ids"][0]
+    assert full[: len(prompt)] == prompt.tolist()

@@ -8,63 +8,31 @@ from the tokenizer under test.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 import unicodedata
-from importlib import resources
 
 import pytest
 import tiktoken
 from PIL import Image
 from tiktoken.load import load_tiktoken_bpe
-from tokenizers import AddedToken, normalizers
 from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from vlm_peft import VLMProcessor
 from vlm_peft.tiny import tiny_image_processor
 
+from .qwen_vocab import (
+    ADDED_IDS,
+    ADDED_TOKENS,
+    NUM_RANKS,
+    QWEN_PATTERN,
+    build_qwen3_tokenizer,
+    no_tiktoken_cache,
+    qwen_tiktoken_path,
+)
+
 logger = logging.getLogger(__name__)
 
 N = 16  # image tokens per image; small keeps the checks fast
-
-NUM_RANKS = 151_643
-# Qwen2/3 split: single digits (`\p{N}`, not cl100k's `\p{N}{1,3}`).
-QWEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-# Qwen3's added tokens from id 151643 on, in id order.
-ADDED_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-    "<tool_response>",
-    "</tool_response>",
-    "<think>",
-    "</think>",
-]
-ADDED_IDS = {token: NUM_RANKS + i for i, token in enumerate(ADDED_TOKENS)}
 
 TEXTS = [
     # English
@@ -132,41 +100,15 @@ TEXTS = [
 ]
 
 
-def _qwen_tiktoken_path() -> str:
-    return str(resources.files("dashscope").joinpath("resources", "qwen.tiktoken"))
-
-
-@contextlib.contextmanager
-def _no_tiktoken_cache():
-    # tiktoken copies even local files into a temp-dir cache; an empty cache dir turns that off.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TIKTOKEN_CACHE_DIR", "")
-        yield
-
-
 @pytest.fixture(scope="module")
 def qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """Qwen3's fast tokenizer rebuilt from the tiktoken ranks (a few seconds)."""
-    start = time.perf_counter()
-    with _no_tiktoken_cache():
-        backend = TikTokenConverter(vocab_file=_qwen_tiktoken_path(), pattern=QWEN_PATTERN).converted()
-    backend.model.ignore_merges = False  # as in Qwen3's tokenizer.json; every rank is reachable by merges anyway
-    backend.normalizer = normalizers.NFC()
-    # Only the <|...|> ones are special in Qwen3; tool_call/tool_response/think are plain added tokens.
-    for token in ADDED_TOKENS:
-        added = AddedToken(token, special=token.startswith("<|"), normalized=False)
-        backend.add_tokens([added])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False
-    )
-    logger.info("Qwen3 tokenizer built in %.1f s", time.perf_counter() - start)
-    return tok
+    return build_qwen3_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def reference() -> tiktoken.Encoding:
-    with _no_tiktoken_cache():
-        ranks = load_tiktoken_bpe(_qwen_tiktoken_path())
+    with no_tiktoken_cache():
+        ranks = load_tiktoken_bpe(qwen_tiktoken_path())
     assert len(ranks) == NUM_RANKS
     return tiktoken.Encoding(
         name="qwen3-reference",

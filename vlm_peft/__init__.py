@@ -3,6 +3,7 @@
 from .attach import attach, detach, vlm_config
 from .checkpoint import save_adapter
 from .config import VLMConfig
+from .loading import load
 from .lora import add_lora, lora_config
 from .processor import VLMProcessor
 from .vision import VisionTower
@@ -16,6 +17,7 @@ __all__ = [
     "add_lora",
     "attach",
     "detach",
+    "load",
     "lora_config",
     "save_adapter",
     "vlm_config",

@@ -169,6 +169,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "3e-3" (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise RecipeError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
     return value

@@ -15,11 +15,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
 from .attach import attach
+from .checkpoint import unwrap
 from .collator import VLMCollator
 from .config import CONFIG_NAME, VLMConfig
 from .data import load_rows
 from .evaluate import evaluate, format_summary
-from .hooks import PROJECTOR_ATTR
+from .hooks import PROJECTOR_ATTR, get_state
 from .lora import add_lora, lora_config
 from .processor import VLMProcessor
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
@@ -137,6 +138,8 @@ def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Pa
             model,
             lora_config(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules),
         )
+    if recipe.vision.dtype not in ("auto", "float32"):
+        get_state(unwrap(model)).vision.to(DTYPE[recipe.vision.dtype])
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.requires_grad_("lora" in stage.train)
@@ -154,7 +157,9 @@ def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def run_stage(recipe: Recipe, stage: StageSpec, args: SFTConfig, model, processor, resume: bool | None) -> dict:
+def run_stage(
+    recipe: Recipe, stage: StageSpec, args: SFTConfig, model, processor, resume: bool | None, callbacks=None
+) -> dict:
     stage_dir = recipe.stage_dir(stage.name)
     image_root = stage.data.image_root or str(Path(stage.data.train).parent)
     train_rows = load_rows(stage.data.train, stage.data.format)
@@ -168,7 +173,7 @@ def run_stage(recipe: Recipe, stage: StageSpec, args: SFTConfig, model, processo
         f"{counts['lora']:,}",
         f"{counts['total']:,}",
     )
-    trainer = _make_trainer(model, args, processor, train_rows, image_root, stage)
+    trainer = _make_trainer(model, args, processor, train_rows, image_root, stage, callbacks)
     checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() and resume is not False else None
     if resume and checkpoint is None:
         logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
@@ -197,7 +202,7 @@ def run_stage(recipe: Recipe, stage: StageSpec, args: SFTConfig, model, processo
     return metrics
 
 
-def _make_trainer(model, args: SFTConfig, processor, train_rows, image_root: str, stage: StageSpec):
+def _make_trainer(model, args: SFTConfig, processor, train_rows, image_root: str, stage: StageSpec, callbacks=None):
     from .trainer import VLMTrainer
 
     return VLMTrainer(
@@ -208,14 +213,21 @@ def _make_trainer(model, args: SFTConfig, processor, train_rows, image_root: str
         data_collator=VLMCollator(processor, image_root, max_length=args.max_length),
         projector_lr=stage.lr.projector,
         lora_lr=stage.lr.lora,
+        callbacks=callbacks,
     )
 
 
-def train(recipe: Recipe, stage: str | None = None, resume: bool | None = None, overwrite: bool = False) -> dict:
+def train(
+    recipe: Recipe,
+    stage: str | None = None,
+    resume: bool | None = None,
+    overwrite: bool = False,
+    callbacks: list | None = None,
+) -> dict:
     """Run the recipe's stages in order (or one `stage`); returns metrics per stage.
 
     A finished stage (adapter dir written) is skipped unless `overwrite`; an interrupted one
-    resumes from its last checkpoint unless `resume=False`.
+    resumes from its last checkpoint unless `resume=False`. `callbacks` go to every trainer.
     """
     if stage is not None:
         recipe.stage(stage)  # fail fast on a wrong name
@@ -244,6 +256,6 @@ def train(recipe: Recipe, stage: str | None = None, resume: bool | None = None, 
         if overwrite and stage_dir.exists():
             shutil.rmtree(stage_dir)
         model = build_stage_model(recipe, spec, base, previous, new_cfg)
-        results[spec.name] = run_stage(recipe, spec, configs[spec.name], model, processor, resume)
+        results[spec.name] = run_stage(recipe, spec, configs[spec.name], model, processor, resume, callbacks)
         previous = stage_dir
     return results

@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+from vlm_peft.collator import IGNORE_INDEX, VLMCollator
+from vlm_peft.data import load_rows, normalize_row
+
+from .conftest import N, make_image
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def image_row(answer="A red circle.", image="red.png"):
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": answer},
+        ],
+        "images": [image],
+    }
+
+
+@pytest.fixture()
+def root(tmp_path):
+    make_image((255, 0, 0)).save(tmp_path / "red.png")
+    return tmp_path
+
+
+def test_labels_are_the_assistant_answers_only(processor, root):
+    multi_turn = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": "A circle."},
+            {"role": "user", "content": "Colour?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        ],
+        "images": ["red.png"],
+    }
+    text_only = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    rows = load_rows(write_jsonl(root / "d.jsonl", [image_row(), multi_turn, text_only]))
+    batch = VLMCollator(processor, root)([rows[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    decode = processor.tokenizer.decode
+    answers = [decode([t for t in row.tolist() if t != IGNORE_INDEX]) for row in batch["labels"]]
+    assert answers == ["A red circle.<|im_end|>", "A circle.<|im_end|>Red.<|im_end|>", "Hello.<|im_end|>"]
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert (batch["input_ids"] == processor.image_token_id).sum() == 2 * N
+
+
+def test_embedded_image_bytes(processor, root):
+    import datasets
+
+    data = (root / "red.png").read_bytes()
+    row = normalize_row(image_row(), "row")
+    ds = datasets.Dataset.from_list([{**row, "images": [{"bytes": data, "path": None}]}])
+    ds.save_to_disk(str(root / "saved"))
+    rows = load_rows(root / "saved")
+    batch = VLMCollator(processor, None)([rows[0]])
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": []}, r"d.jsonl:1: 'messages' must be a non-empty list"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, r"d.jsonl:1: messages\[0\] needs a role"),
+        ({**image_row(), "images": []}, r"d.jsonl:1: 1 image parts in messages but 0 entries in 'images'"),
+        ({"messages": [{"role": "user", "content": "Hi"}]}, r"d.jsonl:1: the last message must be the assistant"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "x"}]},
+            r"d.jsonl:1: messages\[0\]: content part .* is neither",
+        ),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(root, row, message):
+    with pytest.raises(ValueError, match=message):
+        load_rows(write_jsonl(root / "d.jsonl", [row]))
+
+
+def test_bad_files(root, processor):
+    (root / "bad.jsonl").write_text('{"messages": [}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not valid JSON"):
+        load_rows(root / "bad.jsonl")
+    with pytest.raises(FileNotFoundError, match="dataset .* not found"):
+        load_rows(root / "missing.jsonl")
+    with pytest.raises(ValueError, match="unknown suffix"):
+        load_rows(root / "red.png")
+    rows = load_rows(write_jsonl(root / "d.jsonl", [image_row(image="nope.png")]))
+    with pytest.raises(FileNotFoundError, match=r"image 'nope.png' not found \(image root"):
+        VLMCollator(processor, root)([rows[0]])
+    (root / "broken.png").write_bytes(b"not a png")
+    rows = load_rows(write_jsonl(root / "d.jsonl", [image_row(image="broken.png")]))
+    with pytest.raises(ValueError, match="broken.png cannot be read"):
+        VLMCollator(processor, root)([rows[0]])
+
+
+def test_truncation_inside_an_image_is_refused(processor, root):
+    rows = load_rows(write_jsonl(root / "d.jsonl", [image_row()]))
+    with pytest.raises(ValueError, match=r"image placeholder run 1 has \d+ .* expected exactly"):
+        VLMCollator(processor, root, max_length=6)([rows[0]])
+    batch = VLMCollator(processor, root, max_length=N + 8)([rows[0]])
+    assert batch["input_ids"].shape[1] == N + 8
+    assert torch.equal(batch["labels"], torch.full_like(batch["labels"], IGNORE_INDEX))  # answer cut off

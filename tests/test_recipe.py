@@ -1,0 +1,91 @@
+import copy
+
+import pytest
+import yaml
+
+from vlm_peft.recipe import RecipeError, apply_override, load_recipe
+
+DEMO = yaml.safe_load(open("recipes/demo.yaml"))
+
+
+def recipe(**changes):
+    data = copy.deepcopy(DEMO)
+    data.update(changes)
+    return data
+
+
+def test_shipped_recipes_load():
+    demo = load_recipe("recipes/demo.yaml")
+    assert [s.name for s in demo.stages] == ["align", "sft"]
+    assert demo.stage("sft").lora.r == 8 and demo.stage("align").lora is None
+    for name in ("qwen3-0.6b-clip.yaml", "qwen3-0.6b-clip-64.yaml"):
+        real = load_recipe(f"recipes/{name}")
+        assert real.llm.name_or_path == "Qwen/Qwen3-0.6B" and real.vision.name_or_path == "openai/clip-vit-base-patch16"
+        assert [s.train for s in real.stages] == [["projector"], ["projector", "lora"]]
+
+
+def test_overrides_address_stages_by_name_and_parse_values():
+    r = load_recipe(
+        "recipes/demo.yaml",
+        ["stages.sft.args.max_steps=10", "stages.align.lr.projector=3e-3", "seed=7", "stages.0.eval.batch_size=4"],
+    )
+    assert r.stage("sft").args["max_steps"] == 10
+    assert r.stage("align").lr.projector == 3e-3 and r.seed == 7 and r.stage("align").eval.batch_size == 4
+    with pytest.raises(RecipeError, match="no stage 'nope'.*align"):
+        load_recipe("recipes/demo.yaml", ["stages.nope.args.max_steps=1"])
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        load_recipe("recipes/demo.yaml", ["seed"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(projektor={}), r"projektor: unknown key \(did you mean 'projector'\?\)"),
+        (
+            lambda d: d["stages"][1]["args"].update(max_stpes=3),
+            r"args.max_stpes: not an SFTConfig argument \(did you mean 'max_steps'",
+        ),
+        (
+            lambda d: d["stages"][1]["args"].update(learning_rate=1e-3),
+            r"args.learning_rate: not allowed here: use lr",
+        ),
+        (lambda d: d["stages"][1]["args"].update(output_dir="x"), r"stages.sft.args.output_dir: not allowed"),
+        (
+            lambda d: d["stages"][0].update(lora={"r": 4}),
+            r"stages.align.lora: LoRA settings given",
+        ),
+        (
+            lambda d: d["stages"][0].update(train=["projector", "vision"]),
+            r"align.train\[1\]: 'vision' is not one of",
+        ),
+        (lambda d: d["stages"][0].update(train=[]), r"stages.align.train: list what the stage trains"),
+        (lambda d: d["stages"][1].update(name="align"), r"'align' is used twice"),
+        (lambda d: d["stages"][0]["data"].pop("train"), r"stages\[0\].data.train: required key is missing"),
+        (
+            lambda d: d["projector"].update(num_image_tokens="many"),
+            r"num_image_tokens: expected int, got 'many'",
+        ),
+        (
+            lambda d: d["projector"].update(kind="mlp", num_image_tokens=8),
+            r"num_image_tokens: projector kind 'mlp' .* must be 16",
+        ),
+        (lambda d: d["projector"].update(dropout=1.5), r"projector.dropout: must be in \[0, 1\)"),
+        (lambda d: d["llm"].update(name_or_path="Qwen/Qwen3-0.6B"), r"llm: set exactly one of name_or_path"),
+        (lambda d: d["llm"].pop("tokenizer"), r"llm.tokenizer: required with llm.random"),
+        (lambda d: d["llm"].update(dtype="fp8"), r"llm.dtype: 'fp8' is not one of"),
+        (lambda d: d["stages"][1]["lr"].update(lora=0), r"stages.sft.lr.lora: must be > 0"),
+        (lambda d: d.update(stages=[]), r"stages: at least one stage"),
+        (lambda d: d["stages"][0]["data"].update(format="csv"), r"stages.align.data.format: 'csv' is not one of"),
+    ],
+)
+def test_validation_errors_name_the_key(edit, message):
+    data = copy.deepcopy(DEMO)
+    edit(data)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(data)
+
+
+def test_override_into_lists_by_index():
+    data = copy.deepcopy(DEMO)
+    apply_override(data, "stages.1.train=[projector]")
+    assert data["stages"][1]["train"] == ["projector"]

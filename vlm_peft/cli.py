@@ -1,0 +1,111 @@
+"""The `vlm-peft` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("vlm_peft")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .train import train
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    resume = {"auto": None, "yes": True, "no": False}[args.resume]
+    results = train(recipe, stage=args.stage, resume=resume, overwrite=args.overwrite)
+    rows = [("stage", "steps", "train loss", "held-out EM", "held-out loss", "trainable")]
+    for name, m in results.items():
+        rows.append(
+            (
+                name,
+                str(m.get("steps", "")),
+                f"{m['train_loss']:.4f}" if "train_loss" in m else "",
+                f"{m['eval_exact_match']:.1%}" if "eval_exact_match" in m else "-",
+                f"{m['eval_loss']:.4f}" if "eval_loss" in m else "-",
+                f"{m.get('projector', 0) + m.get('lora', 0):,}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    last = recipe.stage_dir(list(results)[-1]) if results else None
+    if last is not None:
+        print(f"\nchat with it: vlm-peft chat {last} --image IMAGE  (or vlm_peft.load('{last}'))")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import load_rows
+    from .evaluate import evaluate, format_summary
+    from .loading import load
+
+    model, processor = load(args.model_dir, base=args.base)
+    rows = load_rows(args.data)
+    image_root = args.image_root or str(Path(args.data).parent)
+    summary, predictions = evaluate(
+        model,
+        processor,
+        rows,
+        image_root,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_samples=args.max_samples,
+    )
+    out = Path(args.out or Path(args.model_dir) / "predictions.jsonl")
+    with out.open("w") as handle:
+        handle.writelines(json.dumps(p) + "\n" for p in predictions)
+    print(format_summary(summary, title=f"{args.data}"))
+    print(f"predictions: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-peft", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train the stages of a YAML recipe")
+    t.add_argument("recipe")
+    t.add_argument("--stage", help="run only this stage (the ones before it must be done)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. stages.sft.args.max_steps=10")
+    t.add_argument(
+        "--resume",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="continue from the last checkpoint (auto: when one exists)",
+    )
+    t.add_argument("--overwrite", action="store_true", help="retrain stages that are already done")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="greedy exact match and loss of an adapter dir on a dataset")
+    e.add_argument("model_dir")
+    e.add_argument("--data", required=True, help="JSONL / JSON / parquet / saved dataset in the canonical format")
+    e.add_argument("--image-root", help="default: the data file's folder")
+    e.add_argument("--base", help="base model dir or hub id (default: the one the adapter names)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--max-samples", type=int)
+    e.add_argument("--out", help="predictions JSONL (default: MODEL_DIR/predictions.jsonl)")
+    e.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
