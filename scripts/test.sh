@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ruff check vlm_peft tests bench
+ruff check vlm_peft data_tools tests bench
 python -m pytest -q "$@"
 python -m bench.projector --quick

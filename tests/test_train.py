@@ -87,15 +87,15 @@ def test_demo_recipe_learns(tmp_path, shapes):
     recipe = demo(
         tmp_path,
         shapes,
-        "stages.align.args.max_steps=40",
-        "stages.sft.args.max_steps=80",
+        "stages.align.args.max_steps=60",
+        "stages.sft.args.max_steps=200",
         "stages.align.eval.max_samples=32",
         "stages.sft.args.save_steps=1000",
         "stages.align.args.save_steps=1000",
     )
     results = train(recipe)
     sft = results["sft"]
-    assert sft["steps"] == 80 and sft["lora"] > 0 and sft["projector"] > 0
+    assert sft["steps"] == 200 and sft["lora"] > 0 and sft["projector"] > 0
     predictions = [json.loads(line) for line in (recipe.stage_dir("sft") / "eval_predictions.jsonl").open()]
     colour = [p["correct"] for p in predictions if p["prompt"].startswith("What colour")]
     # Chance: 1 in 6 colours; an answer also has to be well formed ("Red.") to count.
@@ -103,3 +103,47 @@ def test_demo_recipe_learns(tmp_path, shapes):
     # The adapter dir reloads onto the saved random base and answers the same.
     model, processor = load(recipe.stage_dir("sft"))
     assert model.peft_config["default"].r == 8
+
+
+QWEN3_0_6B = (  # Qwen/Qwen3-0.6B's config.json, at 2 of its 28 layers
+    "{hidden_size: 1024, intermediate_size: 3072, num_hidden_layers: 2, num_attention_heads: 16, "
+    "num_key_value_heads: 8, head_dim: 128, vocab_size: 151936, rope_theta: 1000000, rms_norm_eps: 1.0e-6, "
+    "max_position_embeddings: 40960, tie_word_embeddings: true}"
+)
+CLIP_B16 = (  # openai/clip-vit-base-patch16's vision config, at 1 of its 12 layers
+    "{model_type: clip_vision_model, hidden_size: 768, intermediate_size: 3072, num_hidden_layers: 1, "
+    "num_attention_heads: 12, image_size: 224, patch_size: 16}"
+)
+
+
+def test_qwen3_recipe_runs_a_step_at_real_width(tmp_path, shapes):
+    """The real weights cannot be fetched here: same configs, random weights, reduced depth."""
+    from .qwen_vocab import build_qwen3_tokenizer
+
+    build_qwen3_tokenizer().save_pretrained(tmp_path / "qwen3-tokenizer")
+    sets = [
+        f"output_dir={tmp_path / 'run'}",
+        "llm.name_or_path=null",
+        f"llm.random={QWEN3_0_6B}",
+        f"llm.tokenizer={tmp_path / 'qwen3-tokenizer'}",
+        "llm.dtype=float32",
+        "vision.name_or_path=null",
+        f"vision.random={CLIP_B16}",
+        "vision.dtype=float32",
+    ]
+    for stage in ("align", "sft"):
+        data = "align" if stage == "align" else "sft"
+        sets += [
+            f"stages.{stage}.data.train={shapes / f'{data}_eval.jsonl'}",
+            f"stages.{stage}.data.eval=null",
+            f"stages.{stage}.args.max_steps=1",
+            f"stages.{stage}.args.per_device_train_batch_size=1",
+            f"stages.{stage}.args.bf16=false",
+            f"stages.{stage}.args.dataloader_num_workers=0",
+        ]
+    recipe = load_recipe("recipes/qwen3-0.6b-clip.yaml", sets)
+    results = train(recipe)
+    assert results["align"]["projector"] == 26_186_752 and results["align"]["lora"] == 0
+    # LoRA r=16 on q/k/v/o/gate/up/down: 360,448 per layer (10,092,544 for all 28).
+    assert results["sft"]["projector"] == 26_186_752 and results["sft"]["lora"] == 2 * 360_448
+    assert all(m["steps"] == 1 and torch.isfinite(torch.tensor(m["train_loss"])) for m in results.values())
