@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 log = logging.getLogger(__name__)
 
 # Bump when the output for the same parameters changes, so old datasets are regenerated.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: big, near-centred shapes
 MANIFEST = "synth.json"
 IMAGE_DIR = "images"
 TOKENIZER_DIR = "tokenizer"
@@ -63,9 +63,13 @@ SFT_SHAPE_Q = "What shape is this?"
 SFT_COLOUR_Q = "What colour is the shape?"
 SFT_DESCRIBE_Q = "Describe the image."
 
-# Shape side as a fraction of the image side: >= ~35% keeps it visible at 32 px.
-MIN_SIZE_FRAC = 0.38
-MAX_SIZE_FRAC = 0.62
+# Shape side as a fraction of the image side, and how far its centre may stray from the image's.
+# Big and near-centred on purpose: the demo's vision tower has random weights, and from random
+# features a 12 px shape anywhere in a 32 px view is too hard to learn in a 3-minute CPU budget
+# (measured: shape accuracy stayed at chance), while this one is learnt to >90 %.
+MIN_SIZE_FRAC = 0.6
+MAX_SIZE_FRAC = 0.75
+JITTER_FRAC = 0.07
 MARGIN_FRAC = 0.06
 MAX_REDRAWS = 1000
 
@@ -102,8 +106,10 @@ def _geometry(image_size: int) -> tuple[int, int, int]:
 def _place(rng: random.Random, image_size: int) -> tuple[int, int, int]:
     lo, hi, margin = _geometry(image_size)
     size = rng.randint(lo, hi)
-    x = rng.randint(margin, image_size - margin - size)
-    y = rng.randint(margin, image_size - margin - size)
+    jitter = max(1, round(JITTER_FRAC * image_size))
+    centred = (image_size - size) // 2
+    x = min(max(centred + rng.randint(-jitter, jitter), margin), image_size - margin - size)
+    y = min(max(centred + rng.randint(-jitter, jitter), margin), image_size - margin - size)
     return x, y, size
 
 
