@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from data_tools.synth import make_shapes_dataset
 from vlm_peft import load
+from vlm_peft.cli import main
 from vlm_peft.recipe import load_recipe
 from vlm_peft.train import train
 
@@ -100,9 +101,21 @@ def test_demo_recipe_learns(tmp_path, shapes):
     colour = [p["correct"] for p in predictions if p["prompt"].startswith("What colour")]
     # Chance: 1 in 6 colours; an answer also has to be well formed ("Red.") to count.
     assert sum(colour) / len(colour) >= 0.8
-    # The adapter dir reloads onto the saved random base and answers the same.
+    # The adapter dir reloads onto the saved random base; `vlm-peft eval` gives the same accuracy.
     model, processor = load(recipe.stage_dir("sft"))
     assert model.peft_config["default"].r == 8
+    out = tmp_path / "preds.jsonl"
+    assert (
+        main(["eval", str(recipe.stage_dir("sft")), "--data", str(shapes / "sft_eval.jsonl"), "--out", str(out)]) == 0
+    )
+    again = [json.loads(line) for line in out.open()]
+    assert [p["prediction"] for p in again] == [p["prediction"] for p in predictions]
+
+
+def test_cli_reports_bad_recipes_without_a_traceback(tmp_path, capsys, caplog):
+    assert main(["train", "recipes/demo.yaml", "--set", "stages.sft.args.max_stpes=1"]) == 2
+    assert "stages.sft.args.max_stpes: not an SFTConfig argument" in caplog.text
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
 
 
 QWEN3_0_6B = (  # Qwen/Qwen3-0.6B's config.json, at 2 of its 28 layers

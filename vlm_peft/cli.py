@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set or [])
     resume = {"auto": None, "yes": True, "no": False}[args.resume]
     results = train(recipe, stage=args.stage, resume=resume, overwrite=args.overwrite)
-    rows = [("stage", "steps", "train loss", "held-out EM", "held-out loss", "trainable")]
+    rows = [("stage", "steps", "train loss", "held-out EM", "answer-token acc", "held-out loss", "trainable")]
     for name, m in results.items():
         rows.append(
             (
@@ -26,6 +26,7 @@ def _train(args: argparse.Namespace) -> int:
                 str(m.get("steps", "")),
                 f"{m['train_loss']:.4f}" if "train_loss" in m else "",
                 f"{m['eval_exact_match']:.1%}" if "eval_exact_match" in m else "-",
+            f"{m['eval_token_accuracy']:.1%}" if "eval_token_accuracy" in m else "-",
                 f"{m['eval_loss']:.4f}" if "eval_loss" in m else "-",
                 f"{m.get('projector', 0) + m.get('lora', 0):,}",
             )
@@ -35,7 +36,8 @@ def _train(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     last = recipe.stage_dir(list(results)[-1]) if results else None
     if last is not None:
-        print(f"\nchat with it: vlm-peft chat {last} --image IMAGE  (or vlm_peft.load('{last}'))")
+        print(f"\nadapter: {last}\n  evaluate: vlm-peft eval {last} --data DATA.jsonl")
+        print(f"  in Python: model, processor = vlm_peft.load('{last}'); model.generate(**processor(...))")
     return 0
 
 

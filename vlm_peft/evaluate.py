@@ -42,7 +42,7 @@ def evaluate(
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     collator = VLMCollator(processor, image_root)
     predictions: list[dict[str, Any]] = []
-    loss_sum, loss_tokens = 0.0, 0
+    loss_sum, loss_tokens, tokens_right = 0.0, 0, 0
     for start in range(0, len(rows), batch_size):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         prompts = []
@@ -73,7 +73,9 @@ def evaluate(
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         loss_sum += losses.item()
-        loss_tokens += int((labels != IGNORE_INDEX).sum())
+        answer = labels != IGNORE_INDEX
+        loss_tokens += int(answer.sum())
+        tokens_right += int(((logits[:, :-1].argmax(-1) == labels) & answer).sum())
         for offset, (row, text) in enumerate(zip(batch, texts)):
             target = _answer(row["messages"][-1])
             predictions.append(
@@ -91,6 +93,8 @@ def evaluate(
         "samples": len(predictions),
         "exact_match": correct / max(len(predictions), 1),
         "loss": loss_sum / max(loss_tokens, 1),
+        # Teacher-forced: shows progress before whole answers come out right.
+        "token_accuracy": tokens_right / max(loss_tokens, 1),
     }
     return summary, predictions
 
