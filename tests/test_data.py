@@ -91,11 +91,11 @@ def test_bad_files(root, processor):
     with pytest.raises(ValueError, match="unknown suffix"):
         load_rows(root / "red.png")
     rows = load_rows(write_jsonl(root / "d.jsonl", [image_row(image="nope.png")]))
-    with pytest.raises(FileNotFoundError, match=r"image 'nope.png' not found \(image root"):
+    with pytest.raises(FileNotFoundError, match=r"d.jsonl:1: image 'nope.png' not found \(image root"):
         VLMCollator(processor, root)([rows[0]])
     (root / "broken.png").write_bytes(b"not a png")
     rows = load_rows(write_jsonl(root / "d.jsonl", [image_row(image="broken.png")]))
-    with pytest.raises(ValueError, match="broken.png cannot be read"):
+    with pytest.raises(ValueError, match="d.jsonl:1: image broken.png cannot be read"):
         VLMCollator(processor, root)([rows[0]])
 
 

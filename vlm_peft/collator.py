@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .data import open_image, with_images
+from .data import WHERE, open_image, with_images
 from .processor import VLMProcessor
 
 IGNORE_INDEX = -100
@@ -28,7 +28,7 @@ class VLMCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         conversations = []
         for row in rows:
-            where = f"row {row.get('__index__', '?')}"
+            where = row.get(WHERE) or "a row"
             images = [open_image(ref, self.image_root, where) for ref in row.get("images") or []]
             conversations.append(with_images(row["messages"], images))
         kwargs: dict[str, Any] = {"padding": True, "padding_side": "right"}

@@ -23,6 +23,8 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
+# Column naming each row's origin (file and line), so that errors during training can say where.
+WHERE = "__where__"
 
 
 def _parts(content: Any, where: str) -> list[dict[str, Any]]:
@@ -62,7 +64,8 @@ def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: {slots} image parts in messages but {len(images)} entries in 'images'.")
     if out[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the last message must be the assistant's answer (found {out[-1]['role']!r}).")
-    return {"messages": out, "images": [img if isinstance(img, str) else dict(img) for img in images]}
+    images = [img if isinstance(img, str) else dict(img) for img in images]
+    return {"messages": out, "images": images, WHERE: where}
 
 
 def _json_rows(path: Path) -> Iterator[dict[str, Any]]:
@@ -99,9 +102,10 @@ def load_rows(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
     raw = datasets.load_from_disk(str(path)) if fmt == "arrow" else datasets.Dataset.from_parquet(str(path))
     if "messages" not in raw.column_names:
         raise ValueError(f"{path}: no 'messages' column (columns: {raw.column_names}).")
-    for i, row in enumerate(raw):
-        normalize_row(row, f"{path}: row {i}")
-    return raw
+    where = [f"{path}: row {i}" for i in range(len(raw))]
+    for row, at in zip(raw, where):
+        normalize_row(row, at)
+    return raw.add_column(WHERE, where) if WHERE not in raw.column_names else raw
 
 
 def open_image(ref: str | dict[str, Any], image_root: str | Path | None, where: str) -> Image.Image:

@@ -10,7 +10,7 @@ import datasets
 import torch
 
 from .collator import IGNORE_INDEX, VLMCollator
-from .data import open_image, with_images
+from .data import WHERE, open_image, with_images
 from .processor import VLMProcessor
 
 
@@ -47,7 +47,8 @@ def evaluate(
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         prompts = []
         for offset, row in enumerate(batch):
-            images = [open_image(ref, image_root, f"row {start + offset}") for ref in row["images"] or []]
+            where = row.get(WHERE) or f"row {start + offset}"
+            images = [open_image(ref, image_root, where) for ref in row["images"] or []]
             prompts.append(with_images(row["messages"], images)[:-1])
         inputs = processor.apply_chat_template(
             prompts,
