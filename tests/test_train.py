@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,7 +86,10 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, shapes):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_demo_recipe_learns(tmp_path, shapes):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes):
+    """The demo recipe, shortened: learns the colour questions in ~20 s."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     recipe = demo(
         tmp_path,
         shapes,
@@ -94,14 +99,18 @@ def test_demo_recipe_learns(tmp_path, shapes):
         "stages.sft.args.save_steps=1000",
         "stages.align.args.save_steps=1000",
     )
-    results = train(recipe)
+    return recipe, train(recipe)
+
+
+def test_demo_recipe_learns(trained, shapes, tmp_path):
+    recipe, results = trained
     sft = results["sft"]
     assert sft["steps"] == 200 and sft["lora"] > 0 and sft["projector"] > 0
     predictions = [json.loads(line) for line in (recipe.stage_dir("sft") / "eval_predictions.jsonl").open()]
     colour = [p["correct"] for p in predictions if p["prompt"].startswith("What colour")]
     # Chance: 1 in 6 colours; an answer also has to be well formed ("Red.") to count.
     assert sum(colour) / len(colour) >= 0.8
-    # The adapter dir reloads onto the saved random base; `vlm-peft eval` gives the same accuracy.
+    # The adapter dir reloads onto the saved random base; `vlm-peft eval` gives the same answers.
     model, processor = load(recipe.stage_dir("sft"))
     assert model.peft_config["default"].r == 8
     out = tmp_path / "preds.jsonl"
@@ -110,6 +119,33 @@ def test_demo_recipe_learns(tmp_path, shapes):
     )
     again = [json.loads(line) for line in out.open()]
     assert [p["prediction"] for p in again] == [p["prediction"] for p in predictions]
+
+
+def colour_question(shapes):
+    for line in (shapes / "sft_eval.jsonl").open():
+        row = json.loads(line)
+        if row["messages"][0]["content"][1]["text"].startswith("What colour"):
+            return shapes / row["images"][0], row["messages"][1]["content"][0]["text"]
+    raise AssertionError("no colour question")
+
+
+def chat(model_dir, *args, stdin=None):
+    command = [sys.executable, "-m", "vlm_peft.cli", "chat", str(model_dir), *args]
+    done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_chat_answers_from_adapter_and_merged_dirs(trained, shapes, tmp_path):
+    recipe, _ = trained
+    image, answer = colour_question(shapes)
+    adapter = recipe.stage_dir("sft")
+    assert answer in chat(adapter, "--image", str(image), "--prompt", "What colour is the shape?")
+    merged = main(["merge", str(adapter), str(tmp_path / "merged")])
+    assert merged == 0
+    session = f"/image {image}\nWhat colour is the shape?\n/quit\n"
+    out = chat(tmp_path / "merged", stdin=session)
+    assert "attached" in out and answer in out
 
 
 def test_cli_reports_bad_recipes_without_a_traceback(tmp_path, capsys, caplog):

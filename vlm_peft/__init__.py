@@ -5,6 +5,7 @@ from .checkpoint import save_adapter
 from .config import VLMConfig
 from .loading import load
 from .lora import add_lora, lora_config
+from .merge import merge
 from .processor import VLMProcessor
 from .vision import VisionTower
 
@@ -19,6 +20,7 @@ __all__ = [
     "detach",
     "load",
     "lora_config",
+    "merge",
     "save_adapter",
     "vlm_config",
 ]

@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
                 str(m.get("steps", "")),
                 f"{m['train_loss']:.4f}" if "train_loss" in m else "",
                 f"{m['eval_exact_match']:.1%}" if "eval_exact_match" in m else "-",
-            f"{m['eval_token_accuracy']:.1%}" if "eval_token_accuracy" in m else "-",
+                f"{m['eval_token_accuracy']:.1%}" if "eval_token_accuracy" in m else "-",
                 f"{m['eval_loss']:.4f}" if "eval_loss" in m else "-",
                 f"{m.get('projector', 0) + m.get('lora', 0):,}",
             )
@@ -66,6 +66,39 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    out = merge(
+        args.adapter_dir,
+        args.out_dir,
+        base=args.base,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        copy_vision=not args.reference_vision,
+        overwrite=args.overwrite,
+    )
+    print(f"merged model: {out}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import Chat, generation_kwargs
+    from .loading import load
+
+    model, processor = load(args.model_dir, base=args.base, device=args.device)
+    chat = Chat(
+        model, processor, think=args.think, **generation_kwargs(args.max_new_tokens, args.temperature, args.top_p)
+    )
+    for image in args.image or []:
+        chat.add_image(image)
+    if args.prompt is not None:
+        chat.ask(args.prompt)
+        return 0
+    chat.repl(sys.stdin)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-peft", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,6 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=int)
     e.add_argument("--out", help="predictions JSONL (default: MODEL_DIR/predictions.jsonl)")
     e.set_defaults(func=_eval)
+
+    m = sub.add_parser("merge", help="fold LoRA into the base and write a self-contained merged dir")
+    m.add_argument("adapter_dir")
+    m.add_argument("out_dir")
+    m.add_argument("--base", help="base model dir or hub id (default: the one the adapter names)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the merged weights")
+    m.add_argument("--max-shard-size", default="2GB")
+    m.add_argument("--reference-vision", action="store_true", help="name the vision tower instead of copying it")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    m.set_defaults(func=_merge)
+
+    c = sub.add_parser("chat", help="talk to a merged or adapter dir about images")
+    c.add_argument("model_dir")
+    c.add_argument("--image", action="append", help="image for the first message (repeatable)")
+    c.add_argument("--prompt", help="answer this once and exit (otherwise: interactive, /image PATH adds images)")
+    c.add_argument("--base", help="base model for an adapter dir (default: the one it names)")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    c.add_argument("--top-p", type=float, default=0.8)
+    c.add_argument("--think", action="store_true", help="Qwen3 thinking mode (off: an empty think block)")
+    c.add_argument("--device", help="e.g. cuda; default: CPU")
+    c.set_defaults(func=_chat)
     return parser
 
 
@@ -104,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         logger.error("%s", err)
         return 2
 

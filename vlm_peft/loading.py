@@ -1,4 +1,4 @@
-"""`load(dir)`: an adapter dir with its base, ready to generate."""
+"""`load(dir)`: a merged dir, or an adapter dir with its base, ready to generate."""
 
 from __future__ import annotations
 
@@ -8,8 +8,32 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from .attach import attach
-from .config import VLMConfig
+from .config import CONFIG_NAME, VLMConfig
 from .processor import VLMProcessor
+
+
+def is_merged(directory: str | Path) -> bool:
+    """A merged dir holds the LLM itself (config.json) next to vlm_config.json."""
+    directory = Path(directory)
+    return (directory / CONFIG_NAME).is_file() and (directory / "config.json").is_file()
+
+
+def load_adapter(
+    directory: str | Path,
+    *,
+    base: str | None = None,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device | None = None,
+) -> tuple[torch.nn.Module, VLMProcessor]:
+    directory = Path(directory)
+    cfg = VLMConfig.from_pretrained(directory)
+    source = base or (str(directory) if is_merged(directory) else cfg.base_model)
+    if not source:
+        raise ValueError(f"{directory}/vlm_config.json names no base model; pass base=<dir or hub id>.")
+    llm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if device is not None:
+        llm.to(device)
+    return attach(llm, directory), VLMProcessor.from_pretrained(directory)
 
 
 def load(
@@ -19,14 +43,7 @@ def load(
     dtype: torch.dtype | str = "auto",
     device: str | torch.device | None = None,
 ) -> tuple[torch.nn.Module, VLMProcessor]:
-    """Load an adapter dir onto the base it names (or `base`); returns (model, processor) in eval mode."""
-    directory = Path(directory)
-    cfg = VLMConfig.from_pretrained(directory)
-    source = base or cfg.base_model
-    if not source:
-        raise ValueError(f"{directory}/vlm_config.json names no base model; pass base=<dir or hub id>.")
-    llm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    if device is not None:
-        llm.to(device)
-    model = attach(llm, directory)
-    return model.eval(), VLMProcessor.from_pretrained(directory)
+    """(model, processor) in eval mode from a merged dir, or from an adapter dir on the base it
+    names (or `base`)."""
+    model, processor = load_adapter(directory, base=base, dtype=dtype, device=device)
+    return model.eval(), processor

@@ -1,0 +1,123 @@
+import json
+import logging
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from vlm_peft import add_lora, attach, load, merge, save_adapter
+from vlm_peft.checkpoint import PROJECTOR_FILE
+
+from .conftest import make_image, user_turn
+
+
+@pytest.fixture()
+def adapter(llm, processor, vlm_cfg, tmp_path):
+    """An adapter whose LoRA and projector differ from any fresh init."""
+    llm.save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = add_lora(attach(base, vlm_cfg), r=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    return save_adapter(model, tmp_path / "adapter", processor=processor)
+
+
+def inputs(processor, text="What is this?"):
+    prompt = processor.apply_chat_template(user_turn(text), add_generation_prompt=True)
+    return processor(text=prompt, images=[make_image((200, 40, 10))])
+
+
+def test_merged_equals_unmerged(adapter, processor, tmp_path):
+    unmerged, _ = load(adapter)
+    merged_dir = merge(adapter, tmp_path / "merged")
+    merged, merged_processor = load(merged_dir)
+    assert type(merged).__name__ == "Qwen3ForCausalLM"  # LoRA folded in: no PEFT wrapper
+    text = processor.tokenizer(["A red circle. What is this?"], return_tensors="pt")
+    image = inputs(processor)
+    with torch.no_grad():
+        for batch in (text, image):
+            delta = (merged(**batch).logits - unmerged(**batch).logits).abs().max().item()
+            assert delta <= 1e-4, delta
+            print(f"max |delta logit| merged vs unmerged: {delta:.2e}")
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert (
+        merged.generate(**inputs(merged_processor), **kwargs).tolist() == unmerged.generate(**image, **kwargs).tolist()
+    )
+
+
+def test_merged_dir_is_a_plain_transformers_model(adapter, tmp_path, caplog):
+    out = merge(adapter, tmp_path / "merged")
+    files = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "vlm_config.json",
+        PROJECTOR_FILE,
+        "vision",
+        "README.md",
+        "tokenizer.json",
+        "processor_config.json",
+        "generation_config.json",
+    } <= files
+    assert "adapter_config.json" not in files and not list(out.rglob("*.bin"))
+    with caplog.at_level(logging.WARNING):
+        text_model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert "not used" not in caplog.text and "newly initialized" not in caplog.text
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not any(k.startswith("vlm_projector") for k in f.keys())
+    assert "vlm-peft" in (out / "README.md").read_text()
+    ids = torch.tensor([[1, 2, 3]])
+    assert text_model(input_ids=ids).logits.shape[-1] == text_model.config.vocab_size
+
+
+def test_sharded_and_bf16(adapter, processor, tmp_path):
+    reference = load(merge(adapter, tmp_path / "one"))[0]
+    sharded = merge(adapter, tmp_path / "sharded", max_shard_size="50KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model, _ = load(sharded)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs(processor)).logits, reference(**inputs(processor)).logits)
+    half = merge(adapter, tmp_path / "bf16", dtype="bfloat16")
+    with safe_open(half / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    model, _ = load(half)
+    assert next(model.model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs(processor)).logits).all()
+
+
+def test_failed_merge_leaves_nothing_and_existing_dirs_are_kept(adapter, tmp_path, monkeypatch):
+    from vlm_peft import processor as processor_module
+
+    def boom(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    out = tmp_path / "merged"
+    monkeypatch.setattr(processor_module.VLMProcessor, "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        merge(adapter, out)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "merged" in p.name]
+    monkeypatch.undo()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        merge(adapter, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge(adapter, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_stage1_adapter_without_lora_merges_and_attaches(llm, processor, vlm_cfg, tmp_path):
+    llm.save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    stage1 = save_adapter(attach(base, vlm_cfg), tmp_path / "stage1", processor=processor)
+    merged, _ = load(merge(stage1, tmp_path / "merged"))
+    model, _ = load(stage1)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs(processor)).logits, model(**inputs(processor)).logits)
