@@ -89,3 +89,20 @@ def test_override_into_lists_by_index():
     data = copy.deepcopy(DEMO)
     apply_override(data, "stages.1.train=[projector]")
     assert data["stages"][1]["train"] == ["projector"]
+
+
+@pytest.mark.parametrize("name", ["base", "../x", "a b", ""])
+def test_stage_names_must_be_plain_folders(name):
+    data = copy.deepcopy(DEMO)
+    data["stages"][0]["name"] = name
+    with pytest.raises(RecipeError, match="must be a plain folder name"):
+        load_recipe(data)
+
+
+def test_eval_during_training_needs_an_eval_split_and_room_for_an_image():
+    with pytest.raises(RecipeError, match="eval_strategy: needs an eval split"):
+        load_recipe("recipes/demo.yaml", ["stages.sft.args.eval_strategy=steps", "stages.sft.data.eval=null"])
+    with pytest.raises(RecipeError, match="max_length: 10 cannot hold one image"):
+        load_recipe("recipes/demo.yaml", ["stages.sft.args.max_length=10"])
+    with pytest.raises(RecipeError, match="args.deepspeed: not allowed here"):
+        load_recipe("recipes/demo.yaml", ["stages.sft.args.deepspeed=ds.json"])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from transformers import TrainerCallback
 from data_tools.synth import make_shapes_dataset
 from vlm_peft import load
 from vlm_peft.cli import main
-from vlm_peft.recipe import load_recipe
+from vlm_peft.recipe import RecipeError, load_recipe
 from vlm_peft.train import train
 
 pytestmark = pytest.mark.slow
@@ -56,34 +58,70 @@ class KillAfterSave(TrainerCallback):
             raise Killed
 
 
+RESUME = [
+    "stages.align.args.max_steps=2",
+    "stages.align.data.eval=null",
+    "stages.sft.args.max_steps=6",
+    "stages.sft.args.save_steps=3",
+    "stages.sft.args.logging_steps=1",
+    "stages.sft.args.per_device_train_batch_size=4",
+    "stages.sft.data.eval=null",
+    # Dropout and weight decay exercise the RNG and both optimizer groups of each role.
+    "stages.sft.lora.dropout=0.1",
+    "stages.sft.args.weight_decay=0.01",
+]
+
+
 def test_resumed_run_ends_with_the_same_weights(tmp_path, shapes):
-    common = [
-        "stages.align.args.max_steps=6",
-        "stages.align.args.save_steps=3",
-        "stages.align.args.logging_steps=1",
-        "stages.align.args.per_device_train_batch_size=4",
-        "stages.align.data.eval=null",
-    ]
-    whole = demo(tmp_path / "a", shapes, *common)
-    train(whole, stage="align")
-    interrupted = demo(tmp_path / "b", shapes, *common)
+    whole = demo(tmp_path / "a", shapes, *RESUME)
+    train(whole)
+    interrupted = demo(tmp_path / "b", shapes, *RESUME)
     with pytest.raises(Killed):
-        train(interrupted, stage="align", callbacks=[KillAfterSave(3)])
-    stage_dir = interrupted.stage_dir("align")
-    assert (stage_dir / "checkpoint-3" / "projector.safetensors").is_file()
+        train(interrupted, callbacks=[KillAfterSave(3)])
+    stage_dir = interrupted.stage_dir("sft")
+    assert (stage_dir / "checkpoint-3" / "adapter_model.safetensors").is_file()
     assert not (stage_dir / "checkpoint-6").exists()
-    train(interrupted, stage="align", overwrite=False)  # stage not complete: resumes from checkpoint-3
+    train(interrupted)  # align is done and skipped; sft resumes from checkpoint-3
     state = json.loads((stage_dir / "checkpoint-6" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
-    a = load_file(whole.stage_dir("align") / "projector.safetensors")
-    b = load_file(stage_dir / "projector.safetensors")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+    for name in ("projector.safetensors", "adapter_model.safetensors"):
+        a, b = load_file(whole.stage_dir("sft") / name), load_file(stage_dir / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
     # A differently seeded run differs, so the equality above is not vacuous.
-    other = demo(tmp_path / "c", shapes, *common, "seed=5")
-    train(other, stage="align")
-    c = load_file(other.stage_dir("align") / "projector.safetensors")
+    other = demo(tmp_path / "c", shapes, *RESUME, "seed=5")
+    train(other)
+    c = load_file(other.stage_dir("sft") / "adapter_model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_stage_bookkeeping(tmp_path, shapes, caplog):
+    recipe = demo(
+        tmp_path,
+        shapes,
+        "stages.align.args.max_steps=2",
+        "stages.sft.args.max_steps=2",
+        "stages.align.data.eval=null",
+        "stages.sft.data.eval=null",
+    )
+    with pytest.raises(RecipeError, match="stage sft starts from stage align, which has not run"):
+        train(recipe, stage="sft")
+    first = train(recipe)
+    again = train(recipe)  # both done: skipped, metrics read back
+    assert again == first
+    saved = json.loads((recipe.stage_dir("sft") / "vlm_config.json").read_text())
+    assert Path(saved["base_model"]).is_absolute() and Path(saved["vision_model"]).is_absolute()
+    # A stage that died after saving but before its metrics reruns from its last checkpoint.
+    (recipe.stage_dir("sft") / "metrics.json").unlink()
+    assert train(recipe)["sft"]["steps"] == 2
+    with caplog.at_level(logging.WARNING):
+        train(recipe, stage="align", overwrite=True)
+    assert "were trained from its old output" in caplog.text
+    with pytest.raises(RecipeError, match="built from a different llm.random or seed"):
+        train(demo(tmp_path, shapes, "seed=9"))
+    with pytest.raises(RecipeError, match=r"stages.sft.data.train: .* not found"):
+        train(demo(tmp_path / "x", shapes, "stages.sft.data.train=nope.jsonl"))
 
 
 @pytest.fixture(scope="module")

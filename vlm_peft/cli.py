@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
             (
                 name,
                 str(m.get("steps", "")),
-                f"{m['train_loss']:.4f}" if "train_loss" in m else "",
+                f"{m['train_loss']:.4f}" if m.get("train_loss") is not None else "",
                 f"{m['eval_exact_match']:.1%}" if "eval_exact_match" in m else "-",
                 f"{m['eval_token_accuracy']:.1%}" if "eval_token_accuracy" in m else "-",
                 f"{m['eval_loss']:.4f}" if "eval_loss" in m else "-",
@@ -46,7 +46,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_summary
     from .loading import load
 
-    model, processor = load(args.model_dir, base=args.base)
+    model, processor = load(args.model_dir, base=args.base, device=args.device)
     rows = load_rows(args.data)
     image_root = args.image_root or str(Path(args.data).parent)
     summary, predictions = evaluate(
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--max-samples", type=int)
     e.add_argument("--out", help="predictions JSONL (default: MODEL_DIR/predictions.jsonl)")
+    e.add_argument("--device", help="e.g. cuda; default: CPU")
     e.set_defaults(func=_eval)
 
     m = sub.add_parser("merge", help="fold LoRA into the base and write a self-contained merged dir")

@@ -102,10 +102,10 @@ def load_rows(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
     raw = datasets.load_from_disk(str(path)) if fmt == "arrow" else datasets.Dataset.from_parquet(str(path))
     if "messages" not in raw.column_names:
         raise ValueError(f"{path}: no 'messages' column (columns: {raw.column_names}).")
-    where = [f"{path}: row {i}" for i in range(len(raw))]
-    for row, at in zip(raw, where):
-        normalize_row(row, at)
-    return raw.add_column(WHERE, where) if WHERE not in raw.column_names else raw
+    if "images" in raw.column_names:
+        # Keep datasets.Image columns as {"bytes", "path"}: decoding is the collator's job.
+        raw = raw.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    return datasets.Dataset.from_list([normalize_row(row, f"{path}: row {i}") for i, row in enumerate(raw)])
 
 
 def open_image(ref: str | dict[str, Any], image_root: str | Path | None, where: str) -> Image.Image:

@@ -38,6 +38,13 @@ def evaluate(
         rows = rows.select(range(min(max_samples, len(rows))))
     was_training = model.training
     model.eval()
+    try:
+        return _evaluate(model, processor, rows, image_root, batch_size, max_new_tokens)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_tokens: int):
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     collator = VLMCollator(processor, image_root)
@@ -48,7 +55,7 @@ def evaluate(
         prompts = []
         for offset, row in enumerate(batch):
             where = row.get(WHERE) or f"row {start + offset}"
-            images = [open_image(ref, image_root, where) for ref in row["images"] or []]
+            images = [open_image(ref, image_root, where) for ref in row.get("images") or []]
             prompts.append(with_images(row["messages"], images)[:-1])
         inputs = processor.apply_chat_template(
             prompts,
@@ -70,13 +77,12 @@ def evaluate(
         labelled = {k: v.to(model.device) for k, v in collator(batch).items()}
         logits = model(**{k: v for k, v in labelled.items() if k != "labels"}).logits
         labels = labelled["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        loss_sum += losses.item()
         answer = labels != IGNORE_INDEX
+        # Only the answer positions, in fp32: the full [batch, seq, vocab] in fp32 would not fit at Qwen's vocab.
+        answer_logits, answer_labels = logits[:, :-1][answer].float(), labels[answer]
+        loss_sum += torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="sum").item()
         loss_tokens += int(answer.sum())
-        tokens_right += int(((logits[:, :-1].argmax(-1) == labels) & answer).sum())
+        tokens_right += int((answer_logits.argmax(-1) == answer_labels).sum())
         for offset, (row, text) in enumerate(zip(batch, texts)):
             target = _answer(row["messages"][-1])
             predictions.append(
@@ -88,7 +94,6 @@ def evaluate(
                     "correct": normalize(text) == normalize(target),
                 }
             )
-    model.train(was_training)
     correct = sum(p["correct"] for p in predictions)
     summary = {
         "samples": len(predictions),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,11 @@ RESERVED_ARGS = {
     "assistant_only_loss": "labels are always masked to the assistant's tokens",
     "completion_only_loss": "labels are always masked to the assistant's tokens",
     "load_best_model_at_end": "not supported yet; evaluate the checkpoints instead",
+    "deepspeed": "not supported yet (checkpoints hold the projector and LoRA only)",
+    "fsdp": "not supported yet (checkpoints hold the projector and LoRA only)",
 }
+# Stage dirs sit beside these under output_dir.
+RESERVED_STAGE_NAMES = ("base", "vision", "data")
 
 
 class RecipeError(ValueError):
@@ -256,6 +261,11 @@ def validate(recipe: Recipe) -> Recipe:
         path = f"stages.{stage.name}"
         if names.count(stage.name) > 1:
             raise RecipeError(f"stages[{i}].name: {stage.name!r} is used twice; stage names must be unique.")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", stage.name) or stage.name in RESERVED_STAGE_NAMES:
+            raise RecipeError(
+                f"stages[{i}].name: {stage.name!r} must be a plain folder name (letters, digits, _ . -) and not "
+                f"one of {list(RESERVED_STAGE_NAMES)}."
+            )
         if not stage.train:
             raise RecipeError(f"{path}.train: list what the stage trains: {list(TRAINABLE)}.")
         for j, what in enumerate(stage.train):
@@ -269,6 +279,20 @@ def validate(recipe: Recipe) -> Recipe:
             if getattr(stage.lr, name) <= 0:
                 raise RecipeError(f"{path}.lr.{name}: must be > 0, got {getattr(stage.lr, name)}.")
         _check_args(stage.args, f"{path}.args")
+        if stage.args.get("eval_strategy", "no") != "no" and stage.data.eval is None:
+            raise RecipeError(f"{path}.args.eval_strategy: needs an eval split in {path}.data.eval.")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(stage.eval, name) < 1:
+                raise RecipeError(f"{path}.eval.{name}: must be >= 1, got {getattr(stage.eval, name)}.")
+        if stage.lora is not None:
+            if stage.lora.r < 1 or stage.lora.alpha <= 0 or not 0 <= stage.lora.dropout < 1:
+                raise RecipeError(f"{path}.lora: need r >= 1, alpha > 0 and dropout in [0, 1), got {stage.lora}.")
+        max_length = stage.args.get("max_length")
+        if isinstance(max_length, int) and max_length <= recipe.projector.num_image_tokens + 2:
+            raise RecipeError(
+                f"{path}.args.max_length: {max_length} cannot hold one image ({recipe.projector.num_image_tokens} "
+                "image tokens + 2) and any text."
+            )
     return recipe
 
 

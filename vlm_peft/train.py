@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from peft import PeftModel
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
 from .attach import attach
-from .checkpoint import unwrap
+from .checkpoint import load_training_weights, unwrap
 from .collator import VLMCollator
 from .config import CONFIG_NAME, VLMConfig
 from .data import load_rows
@@ -38,7 +39,7 @@ def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
     args: dict[str, Any] = {
         "seed": recipe.seed,
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        "gradient_checkpointing": torch.cuda.is_available(),
+        "activation_checkpointing": torch.cuda.is_available(),
         "report_to": "none",
         "logging_steps": 10,
         "save_strategy": "steps",
@@ -67,7 +68,7 @@ def prepare_base(recipe: Recipe, tokenizer: Any) -> str:
     if recipe.llm.name_or_path is not None:
         return recipe.llm.name_or_path
     path = Path(recipe.output_dir) / RANDOM_BASE
-    if (path / "config.json").is_file():
+    if _reuse_random(path, {"random": recipe.llm.random, "seed": recipe.seed}, "llm.random"):
         return str(path)
     spec = dict(recipe.llm.random)
     model_type = spec.pop("model_type", "qwen3")
@@ -83,6 +84,7 @@ def prepare_base(recipe: Recipe, tokenizer: Any) -> str:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    _write_random_manifest(path, {"random": recipe.llm.random, "seed": recipe.seed})
     logger.info("built a random %s base (%s parameters) in %s", model_type, f"{model.num_parameters():,}", path)
     return str(path)
 
@@ -92,12 +94,34 @@ def prepare_vision(recipe: Recipe) -> str:
     if recipe.vision.name_or_path is not None:
         return recipe.vision.name_or_path
     path = Path(recipe.output_dir) / RANDOM_VISION
-    if not (path / "config.json").is_file():
+    made_from = {"random": recipe.vision.random, "seed": recipe.seed}
+    if not _reuse_random(path, made_from, "vision.random"):
         torch.manual_seed(recipe.seed + 1)
         model = build_vision_model(recipe.vision.random)
         model.save_pretrained(path)
         tiny_image_processor(model.config.image_size).save_pretrained(path)
+        _write_random_manifest(path, made_from)
     return str(path)
+
+
+RANDOM_MANIFEST = "vlm_peft_random.json"
+
+
+def _write_random_manifest(path: Path, made_from: dict) -> None:
+    (path / RANDOM_MANIFEST).write_text(json.dumps(made_from, sort_keys=True) + "\n")
+
+
+def _reuse_random(path: Path, made_from: dict, key: str) -> bool:
+    """A random model already built for this output_dir is reused only if built from the same config."""
+    manifest = path / RANDOM_MANIFEST
+    if not manifest.is_file():
+        return False
+    if json.loads(manifest.read_text()) != json.loads(json.dumps(made_from, sort_keys=True)):
+        raise RecipeError(
+            f"{key}: {path} was built from a different {key} or seed; use a new output_dir, or delete {path} "
+            "(and the stages trained on it)."
+        )
+    return True
 
 
 def build_processor(recipe: Recipe, tokenizer: Any, vision_dir: str) -> VLMProcessor:
@@ -125,7 +149,9 @@ def new_vlm_config(recipe: Recipe, vision_dir: str, processor: VLMProcessor) -> 
 
 
 def is_complete(stage_dir: Path) -> bool:
-    return (stage_dir / CONFIG_NAME).is_file() and (stage_dir / "recipe.yaml").is_file()
+    # metrics.json is written last, after evaluation: a stage that died before it reruns (and, its
+    # last checkpoint being at max_steps, only re-saves and re-evaluates).
+    return (stage_dir / CONFIG_NAME).is_file() and (stage_dir / "metrics.json").is_file()
 
 
 def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Path | None, new_cfg: VLMConfig):
@@ -138,7 +164,7 @@ def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Pa
             model,
             lora_config(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules),
         )
-    if recipe.vision.dtype not in ("auto", "float32"):
+    if recipe.vision.dtype != "auto":
         get_state(unwrap(model)).vision.to(DTYPE[recipe.vision.dtype])
     for name, param in model.named_parameters():
         if "lora_" in name:
@@ -173,16 +199,42 @@ def run_stage(
         f"{counts['lora']:,}",
         f"{counts['total']:,}",
     )
-    trainer = _make_trainer(model, args, processor, train_rows, image_root, stage, callbacks)
+    trainer = _make_trainer(
+        model,
+        args,
+        processor,
+        train_rows,
+        eval_rows if args.eval_strategy != "no" else None,
+        image_root,
+        stage,
+        callbacks,
+    )
     checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() and resume is not False else None
     if resume and checkpoint is None:
         logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
+    _record_recipe(recipe, stage_dir, resuming=checkpoint is not None)
     if checkpoint:
         logger.info("stage %s: resuming from %s", stage.name, checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    done = _finished_checkpoint(checkpoint, args.max_steps)
+    if done is not None:
+        # transformers resumed at max_steps trains one step more; the checkpoint is the final state.
+        load_training_weights(trainer.model, checkpoint)
+        train_loss, steps = done
+    else:
+        try:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        except ValueError as err:
+            if checkpoint and "parameter group" in str(err):
+                raise RecipeError(
+                    f"stages.{stage.name}: {checkpoint} was made with a different `train` list; resume with the "
+                    "recipe it was made with, or start over with --resume no."
+                ) from err
+            raise
+        train_loss, steps = result.training_loss, result.global_step
     trainer.save_model(str(stage_dir))
-    dump_recipe(recipe, stage_dir / "recipe.yaml")
-    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step, **counts}
+    metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps, **counts}
+    if not trainer.is_world_process_zero():
+        return metrics
     if eval_rows is not None:
         image_root_eval = stage.data.image_root or str(Path(stage.data.eval).parent)
         summary, predictions = evaluate(
@@ -202,13 +254,41 @@ def run_stage(
     return metrics
 
 
-def _make_trainer(model, args: SFTConfig, processor, train_rows, image_root: str, stage: StageSpec, callbacks=None):
+def _finished_checkpoint(checkpoint: str | None, max_steps: int) -> tuple[float | None, int] | None:
+    """(train loss, steps) when `checkpoint` already reached max_steps, else None."""
+    if not checkpoint or max_steps <= 0:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    if state["global_step"] < max_steps:
+        return None
+    losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
+    return (losses[-1] if losses else None), state["global_step"]
+
+
+def _record_recipe(recipe: Recipe, stage_dir: Path, resuming: bool) -> None:
+    """Write the resolved recipe at the start; on resume, say if it changed since the checkpoint."""
+    path = stage_dir / "recipe.yaml"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    now = yaml.safe_load(yaml.safe_dump(recipe.to_dict()))
+    if resuming and path.is_file() and yaml.safe_load(path.read_text()) != now:
+        logger.warning(
+            "%s: the recipe changed since this stage's checkpoint; the optimizer, scheduler and step come from the "
+            "checkpoint (start over with --resume no to apply the new settings).",
+            stage_dir,
+        )
+    dump_recipe(recipe, path)
+
+
+def _make_trainer(
+    model, args: SFTConfig, processor, train_rows, eval_rows, image_root: str, stage: StageSpec, callbacks=None
+):
     from .trainer import VLMTrainer
 
     return VLMTrainer(
         model=model,
         args=args,
         train_dataset=train_rows,
+        eval_dataset=eval_rows,
         processing_class=processor,
         data_collator=VLMCollator(processor, image_root, max_length=args.max_length),
         projector_lr=stage.lr.projector,
@@ -231,7 +311,14 @@ def train(
     """
     if stage is not None:
         recipe.stage(stage)  # fail fast on a wrong name
+    # Saved configs name the base and the tower by path: make them work from any directory.
+    recipe.output_dir = str(Path(recipe.output_dir).resolve())
     configs = {s.name: sft_config(recipe, s) for s in recipe.stages}
+    for spec in recipe.stages:
+        for split in ("train", "eval"):
+            path = getattr(spec.data, split)
+            if path is not None and not Path(path).exists():
+                raise RecipeError(f"stages.{spec.name}.data.{split}: {path} not found.")
     tokenizer = _tokenizer(recipe)
     base = prepare_base(recipe, tokenizer)
     vision_dir = prepare_vision(recipe)
@@ -255,6 +342,13 @@ def train(
             )
         if overwrite and stage_dir.exists():
             shutil.rmtree(stage_dir)
+        later = [s.name for s in recipe.stages[index + 1 :] if is_complete(recipe.stage_dir(s.name))]
+        if later:
+            logger.warning(
+                "stage %s is being retrained; %s were trained from its old output: rerun them with --overwrite",
+                spec.name,
+                later,
+            )
         model = build_stage_model(recipe, spec, base, previous, new_cfg)
         results[spec.name] = run_stage(recipe, spec, configs[spec.name], model, processor, resume, callbacks)
         previous = stage_dir

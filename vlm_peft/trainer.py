@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.trainer_optimizer import is_optimizer_factory
 from trl import SFTTrainer
 
 from .checkpoint import load_training_weights, save_adapter
@@ -26,23 +27,28 @@ class VLMTrainer(SFTTrainer):
             return self.optimizer
         model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(model))
-        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        # Groups by role, always in this order, so a checkpoint's optimizer state lines up on resume
+        # whatever the rates are; the projector comes first so that logs show its learning rate.
+        roles = {"projector": self.projector_lr, "lora": self.lora_lr, "other": self.args.learning_rate}
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(r, d): [] for r in roles for d in (True, False)}
         for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            if "lora_" in name:
-                lr = self.lora_lr
-            elif PROJECTOR_ATTR in name:
-                lr = self.projector_lr
-            else:
-                lr = self.args.learning_rate
-            wd = self.args.weight_decay if name in decay else 0.0
-            groups.setdefault((lr, wd), []).append(param)
-        if not groups:
+            if param.requires_grad:
+                role = "lora" if "lora_" in name else "projector" if PROJECTOR_ATTR in name else "other"
+                groups[(role, name in decay)].append(param)
+        if not any(groups.values()):
             raise ValueError("nothing to train: no parameter requires grad (check the stage's `train` list).")
         optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        if is_optimizer_factory(optimizer_cls) or "params" in kwargs or "model" in kwargs:
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its own parameter groups, which the separate projector and LoRA "
+                "learning rates need; use an AdamW/SGD-style optimizer."
+            )
         kwargs.pop("lr", None)
-        param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        param_groups = [
+            {"params": params, "lr": roles[role], "weight_decay": self.args.weight_decay if decayed else 0.0}
+            for (role, decayed), params in groups.items()
+            if params
+        ]
         self.optimizer = optimizer_cls(param_groups, **kwargs)
         return self.optimizer
 
