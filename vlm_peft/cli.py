@@ -36,7 +36,9 @@ def _train(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     last = recipe.stage_dir(list(results)[-1]) if results else None
     if last is not None:
-        print(f"\nadapter: {last}\n  evaluate: vlm-peft eval {last} --data DATA.jsonl")
+        print(f"\nadapter: {last}\n  chat:     vlm-peft chat {last} --image IMAGE --prompt 'Describe the image.'")
+        print(f"  evaluate: vlm-peft eval {last} --data DATA.jsonl")
+        print(f"  merge:    vlm-peft merge {last} {last}-merged")
         print(f"  in Python: model, processor = vlm_peft.load('{last}'); model.generate(**processor(...))")
     return 0
 
