@@ -18,24 +18,6 @@ def is_merged(directory: str | Path) -> bool:
     return (directory / CONFIG_NAME).is_file() and (directory / "config.json").is_file()
 
 
-def load_adapter(
-    directory: str | Path,
-    *,
-    base: str | None = None,
-    dtype: torch.dtype | str = "auto",
-    device: str | torch.device | None = None,
-) -> tuple[torch.nn.Module, VLMProcessor]:
-    directory = Path(directory)
-    cfg = VLMConfig.from_pretrained(directory)
-    source = base or (str(directory) if is_merged(directory) else cfg.base_model)
-    if not source:
-        raise ValueError(f"{directory}/vlm_config.json names no base model; pass base=<dir or hub id>.")
-    llm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    if device is not None:
-        llm.to(device)
-    return attach(llm, directory), VLMProcessor.from_pretrained(directory)
-
-
 def load(
     directory: str | Path,
     *,
@@ -45,5 +27,12 @@ def load(
 ) -> tuple[torch.nn.Module, VLMProcessor]:
     """(model, processor) in eval mode from a merged dir, or from an adapter dir on the base it
     names (or `base`)."""
-    model, processor = load_adapter(directory, base=base, dtype=dtype, device=device)
-    return model.eval(), processor
+    directory = Path(directory)
+    cfg = VLMConfig.from_pretrained(directory)
+    source = base or (str(directory) if is_merged(directory) else cfg.base_model)
+    if not source:
+        raise ValueError(f"{directory}/vlm_config.json names no base model; pass base=<dir or hub id>.")
+    llm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if device is not None:
+        llm.to(device)
+    return attach(llm, directory).eval(), VLMProcessor.from_pretrained(directory)

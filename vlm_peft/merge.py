@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .checkpoint import PROJECTOR_FILE, VISION_DIR, active_projector, unwrap
 from .config import VLMConfig
 from .hooks import PROJECTOR_ATTR, get_state
-from .loading import load_adapter
+from .loading import load
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def merge(
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
         dtype = DTYPES[dtype]
-    model, processor = load_adapter(adapter_dir, base=base, dtype=dtype or "auto")
+    model, processor = load(adapter_dir, base=base, dtype=dtype or "auto")
     llm = unwrap(model)
     if isinstance(model, PeftModel):
         model.merge_and_unload()  # folds LoRA in place; the projector wrapper becomes the trained copy
