@@ -101,6 +101,21 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    if args.tool == "cache-features":
+        from .recipe import load_recipe
+        from .train import cache_stage_features
+
+        recipe = load_recipe(args.recipe, args.set or [])
+        counts = cache_stage_features(recipe, args.stage, args.out, args.batch_size, args.dtype)
+        print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+        return 0
+    import importlib
+
+    module = importlib.import_module(f"data_tools.{args.tool}")
+    return module.main(args.rest) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-peft", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -152,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--think", action="store_true", help="Qwen3 thinking mode (off: an empty think block)")
     c.add_argument("--device", help="e.g. cuda; default: CPU")
     c.set_defaults(func=_chat)
+
+    d = sub.add_parser("data", help="dataset tools: convert, check, synth, cache-features")
+    tools = d.add_subparsers(dest="tool", required=True)
+    for name, text in (
+        ("convert", "convert MiniMind-V / LLaVA / ShareGPT / caption data to the canonical format"),
+        ("check", "validate a canonical dataset (images, structure, lengths)"),
+        ("synth", "write the synthetic shapes dataset"),
+    ):
+        tool = tools.add_parser(name, help=text, add_help=False)
+        tool.add_argument("rest", nargs=argparse.REMAINDER)
+    cf = tools.add_parser("cache-features", help="encode a stage's images once with the frozen tower")
+    cf.add_argument("recipe")
+    cf.add_argument("--stage", required=True)
+    cf.add_argument("--out", help="cache dir (default: the stage's data.features)")
+    cf.add_argument("--set", action="append", metavar="KEY=VALUE")
+    cf.add_argument("--batch-size", type=int, default=32)
+    cf.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    d.set_defaults(func=_data)
     return parser
 
 

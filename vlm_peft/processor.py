@@ -98,6 +98,8 @@ class VLMProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         collapsed = self.vision_start_token + self.image_token + self.vision_end_token
         texts = [t.replace(collapsed, self.image_placeholder) for t in texts]
+        # False when the images arrive as cached features: the runs are still checked, not counted.
+        images_expected = kwargs.pop("images_expected", True)
         flat, per_sample = self._flatten_images(images, len(texts))
         kwargs.setdefault("return_tensors", "pt")
         # Tensors need equal lengths: pad batches unless the caller decides.
@@ -114,7 +116,10 @@ class VLMProcessor(ProcessorMixin):
             except ValueError as err:
                 raise ValueError(str(err).replace("sample 0", f"sample {row}", 1)) from None
             counts.append(runs[0])
-        if per_sample is not None:
+        if not images_expected:
+            if flat:
+                raise ValueError("images were given with images_expected=False.")
+        elif per_sample is not None:
             for row, (have, want) in enumerate(zip(counts, per_sample)):
                 if have != want:
                     raise ValueError(f"sample {row}: text holds {have} image placeholders but {want} images given.")

@@ -82,6 +82,8 @@ class DataSpec:
     eval: str | None = None
     format: str = "auto"
     image_root: str | None = None
+    # A feature cache (vlm-peft data cache-features): training reads patch features, not images.
+    features: str | None = None
 
 
 @dataclass

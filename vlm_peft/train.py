@@ -21,12 +21,13 @@ from .collator import VLMCollator
 from .config import CONFIG_NAME, VLMConfig
 from .data import load_rows
 from .evaluate import evaluate, format_summary
+from .feature_cache import FeatureCache, build_cache
 from .hooks import PROJECTOR_ATTR, get_state
 from .lora import add_lora, lora_config
 from .processor import VLMProcessor
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
 from .tiny import tiny_image_processor
-from .vision import build_vision_model
+from .vision import build_vision_model, load_vision_tower
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +155,48 @@ def is_complete(stage_dir: Path) -> bool:
     return (stage_dir / CONFIG_NAME).is_file() and (stage_dir / "metrics.json").is_file()
 
 
+def cache_stage_features(
+    recipe: Recipe, stage: str, out: str | None = None, batch_size: int = 32, dtype: str = "float16"
+) -> dict[str, int]:
+    """Encode the images of a stage's train and eval data with the recipe's tower into a feature cache."""
+    spec = recipe.stage(stage)
+    out = out or spec.data.features
+    if out is None:
+        raise RecipeError(f"stages.{stage}.data.features: set it (or pass --out) to say where the cache goes.")
+    recipe.output_dir = str(Path(recipe.output_dir).resolve())
+    vision_dir = prepare_vision(recipe)
+    processor = build_processor(recipe, _tokenizer(recipe), vision_dir)
+    tower = load_vision_tower(new_vlm_config(recipe, vision_dir, processor))
+    if recipe.vision.dtype != "auto":
+        tower.to(DTYPE[recipe.vision.dtype])
+    counts: dict[str, int] = {}
+    for split in ("train", "eval"):
+        path = getattr(spec.data, split)
+        if path is None:
+            continue
+        rows = load_rows(path, spec.data.format)
+        root = spec.data.image_root or str(Path(path).parent)
+        got = build_cache(
+            rows,
+            out,
+            tower,
+            processor.image_processor,
+            image_root=root,
+            batch_size=batch_size,
+            dtype=dtype,
+            source=vision_dir,
+        )
+        counts = {k: counts.get(k, 0) + v for k, v in got.items() if k != "cached_total"} | {
+            "cached_total": got["cached_total"]
+        }
+    return counts
+
+
 def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Path | None, new_cfg: VLMConfig):
     """The attached model for a stage: new projector, or the previous stage's; LoRA as the stage says."""
     llm = load_llm(base, recipe.llm.dtype)
+    # New projector and LoRA weights come from the recipe's seed, whatever ran before in this process.
+    torch.manual_seed(recipe.seed)
     model = attach(llm, init_from, is_trainable=True) if init_from else attach(llm, new_cfg)
     if "lora" in stage.train and not isinstance(model, PeftModel):
         spec = stage.lora
@@ -280,7 +320,15 @@ def _record_recipe(recipe: Recipe, stage_dir: Path, resuming: bool) -> None:
 
 
 def _make_trainer(
-    model, args: SFTConfig, processor, train_rows, eval_rows, image_root: str, stage: StageSpec, callbacks=None
+    model,
+    args: SFTConfig,
+    processor,
+    train_rows,
+    eval_rows,
+    image_root: str,
+    stage: StageSpec,
+    callbacks=None,
+    features: FeatureCache | None = None,
 ):
     from .trainer import VLMTrainer
 
@@ -290,7 +338,7 @@ def _make_trainer(
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=processor,
-        data_collator=VLMCollator(processor, image_root, max_length=args.max_length),
+        data_collator=VLMCollator(processor, image_root, max_length=args.max_length, features=features),
         projector_lr=stage.lr.projector,
         lora_lr=stage.lr.lora,
         callbacks=callbacks,
