@@ -7,3 +7,4 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check vlm_peft data_tools tests bench
 python -m pytest -q "$@"
 python -m bench.projector --quick
+python -m bench.feature_cache --quick
