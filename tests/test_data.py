@@ -106,3 +106,24 @@ def test_truncation_inside_an_image_is_refused(processor, root):
     batch = VLMCollator(processor, root, max_length=N + 8)([rows[0]])
     assert batch["input_ids"].shape[1] == N + 8
     assert torch.equal(batch["labels"], torch.full_like(batch["labels"], IGNORE_INDEX))  # answer cut off
+
+
+def test_rows_whose_images_would_be_cut_are_dropped_and_counted(processor, root, caplog):
+    import logging
+
+    from vlm_peft.data import fit_to_length
+
+    long_text = {
+        "messages": [{"role": "user", "content": "word " * 40 + "!"}, *image_row()["messages"]],
+        "images": ["red.png"],
+    }
+    rows = load_rows(write_jsonl(root / "d.jsonl", [image_row(), long_text, image_row(answer="x " * 30)]))
+    with caplog.at_level(logging.WARNING):
+        kept = fit_to_length(rows, processor, N + 30, "d.jsonl")
+    assert len(kept) == 2
+    assert "dropped 1 of 3 rows whose images would be cut" in caplog.text
+    assert "1 rows are longer than max_length" in caplog.text
+    batch = VLMCollator(processor, root, max_length=N + 30)([kept[i] for i in range(2)])
+    assert batch["input_ids"].shape[1] == N + 30
+    with pytest.raises(ValueError, match="every row is longer"):
+        fit_to_length(rows, processor, 5, "d.jsonl")

@@ -140,3 +140,33 @@ def with_images(messages: list[dict[str, Any]], images: list[Image.Image]) -> li
         }
         for m in messages
     ]
+
+
+def fit_to_length(rows: datasets.Dataset, processor: Any, max_length: int, where: str) -> datasets.Dataset:
+    """Drop (and count) rows whose image runs would be cut by `max_length`; count rows that will only
+    lose the end of their text. Training refuses a cut image rather than crashing mid-run."""
+    end_id = processor.tokenizer.convert_tokens_to_ids(processor.vision_end_token)
+
+    def measure(batch: dict[str, list]) -> dict[str, list]:
+        texts = [processor.apply_chat_template(m) for m in batch["messages"]]
+        ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        image_end = [max((i + 1 for i, t in enumerate(seq) if t == end_id), default=0) for seq in ids]
+        return {"__tokens__": [len(seq) for seq in ids], "__image_end__": image_end}
+
+    measured = rows.map(measure, batched=True, batch_size=256, desc=f"{where}: measuring rows")
+    keep = [end <= max_length for end in measured["__image_end__"]]
+    dropped = keep.count(False)
+    truncated = sum(k and n > max_length for k, n in zip(keep, measured["__tokens__"]))
+    if dropped:
+        logger.warning(
+            "%s: dropped %d of %d rows whose images would be cut by max_length=%d (raise max_length to keep them)",
+            where,
+            dropped,
+            len(rows),
+            max_length,
+        )
+    if truncated:
+        logger.warning("%s: %d rows are longer than max_length=%d; their ends are cut", where, truncated, max_length)
+    if not any(keep):
+        raise ValueError(f"{where}: every row is longer than max_length={max_length} up to its last image.")
+    return rows.select([i for i, k in enumerate(keep) if k]) if dropped else rows

@@ -19,7 +19,7 @@ from .attach import attach
 from .checkpoint import load_training_weights, unwrap
 from .collator import VLMCollator
 from .config import CONFIG_NAME, VLMConfig
-from .data import load_rows
+from .data import fit_to_length, load_rows
 from .evaluate import evaluate, format_summary
 from .feature_cache import FeatureCache, build_cache
 from .hooks import PROJECTOR_ATTR, get_state
@@ -230,6 +230,8 @@ def run_stage(
     image_root = stage.data.image_root or str(Path(stage.data.train).parent)
     train_rows = load_rows(stage.data.train, stage.data.format)
     eval_rows = load_rows(stage.data.eval, stage.data.format) if stage.data.eval else None
+    if args.max_length is not None:
+        train_rows = fit_to_length(train_rows, processor, args.max_length, f"stages.{stage.name}.data.train")
     counts = trainable_counts(model)
     logger.info(
         "stage %s: %d train rows, trainable projector %s + LoRA %s of %s parameters",
