@@ -115,8 +115,9 @@ class Context:
 
 def _local_ref(name: str, ctx: Context) -> dict[str, Any]:
     path = os.path.normpath(os.path.join(ctx.image_root, os.path.expanduser(name)))
-    if path.startswith(ctx.out_root.rstrip(os.sep) + os.sep):
-        path = Path(os.path.relpath(path, ctx.out_root)).as_posix()
+    prefix = ctx.out_root.rstrip(os.sep) + os.sep
+    if path.startswith(prefix):
+        path = path[len(prefix) :].replace(os.sep, "/")
     return {"bytes": None, "path": path}
 
 
@@ -359,7 +360,10 @@ def _kind(source: Path) -> str:
 
 
 def _json_list_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
     yield from ((f"{path}: row {i}", row) for i, row in enumerate(data))
 
 
@@ -647,8 +651,9 @@ def convert(
     _write(dataset, out)
     elapsed = time.perf_counter() - start
     log.info(
-        "%s (%s) -> %s: %d rows written, %d skipped %s in %.1fs (%.0f rows/s)",
-        source, fmt, out, n_rows, skipped, counts["reasons"] or "", elapsed, (n_rows + skipped) / max(elapsed, 1e-9),
+        "%s (%s) -> %s: %d rows written, %d skipped%s in %.1fs (%.0f rows/s)",
+        source, fmt, out, n_rows, skipped, f" {counts['reasons']}" if skipped else "", elapsed,
+        (n_rows + skipped) / max(elapsed, 1e-9),
     )  # fmt: skip
     return counts
 

@@ -108,6 +108,9 @@ def test_llava_jsonl_to_saved_dir(tmp_path):
     counts = convert(tmp_path / "llava.jsonl", tmp_path / "out", fmt="llava")
     assert counts["rows"] == 3
     assert read_back(tmp_path / "out") == LLAVA_EXPECTED
+    write_jsonl(tmp_path / "llava.jsonl", LLAVA[1:])
+    convert(tmp_path / "llava.jsonl", tmp_path / "out")  # a saved dataset is replaced
+    assert read_back(tmp_path / "out") == LLAVA_EXPECTED[1:]
 
 
 def test_image_paths_relative_to_the_output_folder_or_absolute(tmp_path):
@@ -126,14 +129,22 @@ def test_marker_image_count_mismatch_and_bad_rows_are_skipped_counted_and_listed
     good = LLAVA[0]
     rows = [
         good,
-        {"id": "no-marker", "image": "x.jpg", "conversations": [{"from": "human", "value": "Hm?"}, good["conversations"][1]]},
+        {
+            "id": "no-marker",
+            "image": "x.jpg",
+            "conversations": [{"from": "human", "value": "Hm?"}, good["conversations"][1]],
+        },
         {"id": "no-image", "conversations": good["conversations"]},
-        {"id": "two-markers", "image": ["x.jpg"], "conversations": [{"from": "human", "value": "<image><image>"}, good["conversations"][1]]},
+        {
+            "id": "two-markers",
+            "image": ["x.jpg"],
+            "conversations": [{"from": "human", "value": "<image><image>"}, good["conversations"][1]],
+        },
         "{not json",
         {"id": "role", "conversations": [{"from": "robot", "value": "beep"}, good["conversations"][1]]},
         {"id": "unanswered", "conversations": [{"from": "human", "value": "Hi"}]},
         {"id": "no-turns"},
-    ]  # fmt: skip
+    ]
     src = write_jsonl(tmp_path / "mixed.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="data_tools.convert"):
         counts = convert(src, tmp_path / "out.parquet", fmt="llava")
@@ -164,15 +175,26 @@ def test_marker_image_count_mismatch_and_bad_rows_are_skipped_counted_and_listed
 def test_minimind_positional_roles_and_comma_separated_images(tmp_path):
     rows = [
         {
-            "conversations": [{"content": "比较<image>和<image>。"}, {"content": "一样。"}, {"content": "颜色?"}, {"content": "红色。"}],
+            "conversations": [
+                {"content": "比较<image>和<image>。"},
+                {"content": "一样。"},
+                {"content": "颜色?"},
+                {"content": "红色。"},
+            ],
             "image": "a.jpg, sub/b.jpg",
         },
         {
-            "conversations": [{"role": "user", "content": "提供给定图像的简要描述。\n<image>"}, {"role": "assistant", "content": "一只猫。"}],
+            "conversations": [
+                {"role": "user", "content": "提供给定图像的简要描述。\n<image>"},
+                {"role": "assistant", "content": "一只猫。"},
+            ],
             "image": "c.jpg",
         },
-        {"conversations": [{"role": "system", "content": "简短。"}, {"content": "你好"}, {"content": "你好!"}], "image": ""},
-    ]  # fmt: skip
+        {
+            "conversations": [{"role": "system", "content": "简短。"}, {"content": "你好"}, {"content": "你好!"}],
+            "image": "",
+        },
+    ]
     src = write_jsonl(tmp_path / "mm.jsonl", rows)
     assert detect_format(src) == "minimind"
     counts = convert(src, tmp_path / "out", image_root=tmp_path / "images")
@@ -200,12 +222,17 @@ def test_minimind_parquet_single_blob(tmp_path):
     red, blue = png((255, 0, 0)), png((0, 0, 255))
     src = write_parquet(
         tmp_path / "mm.parquet",
-        {"conversations": [conversations("<image>\n描述"), conversations("<image><image>")], "image_bytes": [red, blue]},
+        {
+            "conversations": [conversations("<image>\n描述"), conversations("<image><image>")],
+            "image_bytes": [red, blue],
+        },
     )
     assert detect_format(src) == "minimind-parquet"
     counts = convert(src, tmp_path / "out.parquet")
     assert counts["rows"] == 1 and counts["reasons"] == {"image_count_mismatch": 1}
-    assert read_back(tmp_path / "out.parquet") == [([user(IMG, T("描述")), bot("答。")], [{"bytes": red, "path": None}])]
+    assert read_back(tmp_path / "out.parquet") == [
+        ([user(IMG, T("描述")), bot("答。")], [{"bytes": red, "path": None}])
+    ]
     assert rejects(tmp_path / "out.parquet")[0]["row"]["image_bytes"] == f"<{len(blue)} bytes>"
 
 
@@ -213,7 +240,10 @@ def test_minimind_parquet_list_of_blobs(tmp_path):
     red, blue = png((255, 0, 0)), png((0, 0, 255))
     src = write_parquet(
         tmp_path / "mm.parquet",
-        {"conversations": [conversations("<image><image>对比"), conversations("无图")], "image_bytes": [[red, blue], []]},
+        {
+            "conversations": [conversations("<image><image>对比"), conversations("无图")],
+            "image_bytes": [[red, blue], []],
+        },
     )
     counts = convert(src, tmp_path / "out", fmt="minimind-parquet")
     assert counts["rows"] == 2
@@ -232,27 +262,56 @@ def test_messages_sharegpt_and_openai_rows(tmp_path):
     red = png()
     data_url = "data:image/png;base64," + base64.b64encode(red).decode()
     rows = [
-        {"messages": [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A cat."}], "images": ["a.png"]},
+        {
+            "messages": [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A cat."}],
+            "images": ["a.png"],
+        },
         {
             "messages": [
                 {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-                {"role": "user", "content": [{"type": "image"}, {"type": "image", "path": "inline.png"}, {"type": "text", "text": "Same?"}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "image", "path": "inline.png"},
+                        {"type": "text", "text": "Same?"},
+                    ],
+                },
                 {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
             ],
             "images": ["b.png"],
         },
         {
             "messages": [
-                {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": data_url}}, {"type": "image_url", "image_url": {"url": "file:///abs/c.png"}}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Look:"},
+                        {"type": "image_url", "image_url": {"url": data_url}},
+                        {"type": "image_url", "image_url": {"url": "file:///abs/c.png"}},
+                    ],
+                },
                 {"role": "assistant", "content": "Red."},
             ]
         },
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
-        {"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}], "images": ["d.png"], "system": "S."},
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/e.png"}}]}, {"role": "assistant", "content": "?"}]},
-        {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "?"}], "images": ["f.png", "g.png"]},
+        {
+            "conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
+            "images": ["d.png"],
+            "system": "S.",
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/e.png"}}]},
+                {"role": "assistant", "content": "?"},
+            ]
+        },
+        {
+            "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "?"}],
+            "images": ["f.png", "g.png"],
+        },
         {"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "?"}]},
-    ]  # fmt: skip
+    ]
     src = write_jsonl(tmp_path / "msgs.jsonl", rows)
     assert detect_format(src) == "messages"
     counts = convert(src, tmp_path / "out.parquet")
@@ -260,11 +319,14 @@ def test_messages_sharegpt_and_openai_rows(tmp_path):
     assert counts["reasons"] == {"bad_image": 1, "image_count_mismatch": 1, "bad_part": 1}
     assert read_back(tmp_path / "out.parquet") == [
         ([user(IMG, T("What?")), bot("A cat.")], [ref("a.png")]),
-        ([{"role": "system", "content": [T("Be brief.")]}, user(IMG, IMG, T("Same?")), bot("No.")], [ref("b.png"), ref("inline.png")]),
+        (
+            [{"role": "system", "content": [T("Be brief.")]}, user(IMG, IMG, T("Same?")), bot("No.")],
+            [ref("b.png"), ref("inline.png")],
+        ),
         ([user(T("Look:"), IMG, IMG), bot("Red.")], [{"bytes": red, "path": None}, ref("/abs/c.png")]),
         ([user(T("Hi")), bot("Hello.")], []),
         ([{"role": "system", "content": [T("S.")]}, user(IMG, T("Q")), bot("A")], [ref("d.png")]),
-    ]  # fmt: skip
+    ]
 
 
 def test_openai_data_url_is_embedded_and_decodes(tmp_path):
@@ -272,7 +334,10 @@ def test_openai_data_url_is_embedded_and_decodes(tmp_path):
     url = "data:image/png;base64," + base64.b64encode(blue).decode()
     row = {
         "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]},
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}],
+            },
             {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
         ]
     }
@@ -332,8 +397,10 @@ def test_caption_csv_and_jsonl_with_prompt_file(tmp_path, monkeypatch):
         ([user(IMG, T("Caption it.")), bot("A dog, running.")], [ref("img/b.png")]),
     ]
     assert read_back(tmp_path / "out.parquet") == expected
-    jsonl_src = write_jsonl(tmp_path / "caps.jsonl", [{"image": "img/a.png", "caption": "A red square."},
-                                                      {"file_name": "img/b.png", "text": "A dog, running."}])  # fmt: skip
+    jsonl_src = write_jsonl(
+        tmp_path / "caps.jsonl",
+        [{"image": "img/a.png", "caption": "A red square."}, {"file_name": "img/b.png", "text": "A dog, running."}],
+    )
     assert detect_format(jsonl_src) == "captions"
     convert(jsonl_src, tmp_path / "out2", prompts=POOL, seed=3)
     assert read_back(tmp_path / "out2") == expected
@@ -370,9 +437,13 @@ def test_format_autodetection(tmp_path):
 
 
 def test_cli_main(tmp_path, caplog):
-    src = write_jsonl(tmp_path / "llava.jsonl", [*LLAVA, {"image": "x.jpg", "conversations": LLAVA[1]["conversations"]}])
+    src = write_jsonl(
+        tmp_path / "llava.jsonl", [*LLAVA, {"image": "x.jpg", "conversations": LLAVA[1]["conversations"]}]
+    )
     with caplog.at_level(logging.INFO, logger="data_tools.convert"):
-        assert main([str(src), str(tmp_path / "out.parquet"), "--format", "llava", "--seed", "1", "--num-proc", "1"]) == 0
+        assert (
+            main([str(src), str(tmp_path / "out.parquet"), "--format", "llava", "--seed", "1", "--num-proc", "1"]) == 0
+        )
     assert '"rows": 3, "skipped": 1, "reasons": {"image_count_mismatch": 1}' in caplog.text
     assert read_back(tmp_path / "out.parquet") == LLAVA_EXPECTED
     assert main([str(tmp_path / "missing.jsonl"), str(tmp_path / "o.parquet")]) == 1
