@@ -15,7 +15,7 @@ Every row is checked, and every problem found is collected (a row can have sever
                       row, or a tool result that does not follow an assistant turn (or another tool result)
     too_long          with a processor and max_length: the rendered conversation, image runs expanded, is
                       longer than max_length; the detail says whether truncation would cut an image run
-                      (training refuses the row) or only the answer
+                      (training drops such rows, see vlm_peft.data.fit_to_length) or only the answer
 
     python -m data_tools.check data/train.jsonl --processor runs/adapter --max-length 2048 --fix data/clean.parquet
 
@@ -193,7 +193,7 @@ def _count_rows(path: Path, fmt: str) -> int | None:
     return None
 
 
-def _raw_rows(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
+def _raw_rows(path: Path, fmt: str, table: datasets.Dataset | None = None) -> Iterator[tuple[str, Any]]:
     """(origin, raw row) in dataset order; a JSONL line that cannot be parsed comes as `_Unparsable`."""
     if fmt == "jsonl":
         with path.open("rb") as handle:  # bytes: one undecodable line must not stop the whole check
@@ -216,7 +216,7 @@ def _raw_rows(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
             raise ValueError(f"{path}: a .json dataset must hold a list of rows.")
         yield from ((f"{path}: row {i}", row) for i, row in enumerate(data))
     else:
-        table = _open_table(path, fmt)
+        table = _open_table(path, fmt) if table is None else table
         i = 0
         for batch in table.iter(batch_size=1000):
             columns = list(batch)
@@ -291,6 +291,9 @@ def _role_problems(messages: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+_PIL_LOCK = threading.Lock()
+
+
 @contextmanager
 def _header_only_limits() -> Iterator[None]:
     """Open images without PIL's decompression-bomb check, so that their header size can be read.
@@ -306,9 +309,6 @@ def _header_only_limits() -> Iterator[None]:
                 yield
         finally:
             Image.MAX_IMAGE_PIXELS = saved
-
-
-_PIL_LOCK = threading.Lock()
 
 
 class _Checker:
@@ -459,30 +459,31 @@ class _Checker:
             if message.startswith(f"{where}: "):
                 message = message[len(where) + 2 :]
             kind = _classify(message) if isinstance(err, ValueError) else "bad_row"
-            add(kind, f"{message.rstrip('.')}; {_FIXES[kind]}")
-            if kind == "bad_row":
+            lenient = None
+            if kind != "bad_row":  # an image-count or last-role problem: the rest of the row can still be checked
+                try:
+                    lenient = _lenient(raw)
+                except Exception:  # noqa: BLE001
+                    pass
+            if lenient is None or kind == "image_count":  # a missing answer is reported below, naming the message
+                add(kind, f"{message.rstrip('.')}; {_FIXES[kind]}")
+            if lenient is None:
                 return problems, None
-            try:  # an image-count or last-role problem: the rest of the row can still be checked
-                messages, images = _lenient(raw)
-            except Exception:  # noqa: BLE001
-                return problems, None
+            messages, images = lenient
             renderable = False
         for detail in _role_problems(messages):
             add("role_order", detail)
-        if not any(p.kind == "no_answer" for p in problems):
-            last = messages[-1]
-            if last["role"] != "assistant":
-                add(
-                    "no_answer",
-                    f"messages[{len(messages) - 1}] is a {last['role']!r} turn, not the assistant's "
-                    f"answer; {_FIXES['no_answer']}",
-                )
-            elif not _text(last).strip():
-                add(
-                    "no_answer",
-                    f"messages[{len(messages) - 1}] (the assistant's answer) has no text; write the "
-                    "answer or drop the row",
-                )
+        last, n = messages[-1], len(messages)
+        if last["role"] != "assistant":
+            add(
+                "no_answer",
+                f"messages[{n - 1}] is a {last['role']!r} turn, not the assistant's answer; end the row "
+                "with the answer or drop it",
+            )
+        elif not _text(last).strip():
+            add(
+                "no_answer", f"messages[{n - 1}] (the assistant's answer) has no text; write the answer or drop the row"
+            )
         for j, ref in enumerate(images):
             label, findings = self._image_findings(ref)
             for kind, detail in findings:
@@ -503,7 +504,8 @@ class _Checker:
                     texts.append(err)
         ok = [t for t in texts if isinstance(t, str)]
         encoded = iter(processor.tokenizer(ok, add_special_tokens=False)["input_ids"] if ok else [])
-        pad = processor.image_token_id
+        # An image run ends with <|vision_end|>, as training's fit_to_length measures it.
+        end = processor.tokenizer.convert_tokens_to_ids(processor.vision_end_token)
         start = processor.tokenizer.convert_tokens_to_ids(IM_START)
         out: list[tuple[int, int, int] | str] = []
         for text in texts:
@@ -512,7 +514,7 @@ class _Checker:
                 continue
             ids = next(encoded)
             reverse = ids[::-1]
-            image_end = len(ids) - reverse.index(pad) if pad in ids else 0
+            image_end = len(ids) - reverse.index(end) if end in ids else 0
             turn_start = len(ids) - 1 - reverse.index(start) if start is not None and start in ids else -1
             out.append((len(ids), image_end, turn_start))
         return out
@@ -521,17 +523,17 @@ class _Checker:
         limit = self.max_length
         if image_end > limit:
             detail = (
-                f"cuts an image run: {tokens} tokens > max_length {limit}, and the last image run ends at "
-                f"token {image_end}; training refuses a row whose image run is cut, raise max_length to at "
-                f"least {tokens} or drop the row"
+                f"cuts an image run: {tokens} tokens > max_length {limit}, and the last image run ends at token "
+                f"{image_end}; training drops rows whose image run would be cut: raise max_length to at least "
+                f"{image_end} (at least {tokens} to keep the whole answer), shorten the text, or drop the row"
             )
         else:
             answer = ""
-            if turn_start >= image_end and turn_start >= 0:
+            if 0 <= turn_start and image_end <= turn_start:
                 if turn_start >= limit:
-                    answer = f"; the last answer starts at token {turn_start}, so none of it would be trained on"
+                    answer = f"; the final assistant turn starts at token {turn_start}, so none of it is trained on"
                 else:
-                    answer = f"; {tokens - limit} of the last answer's {tokens - turn_start} tokens would be cut"
+                    answer = f"; {tokens - limit} of the final assistant turn's {tokens - turn_start} tokens are cut"
             detail = (
                 f"cuts only the answer: {tokens} tokens > max_length {limit}{answer}; raise max_length to at "
                 f"least {tokens}, shorten the answer, or drop the row"
@@ -571,6 +573,10 @@ def _init_worker(checker: _Checker) -> None:
 def _check_in_worker(chunk: list[tuple[int, str, Any]]) -> tuple[list[Problem], list[tuple[int, int]]]:
     assert _WORKER is not None
     return _WORKER.check(chunk)
+
+
+def _longest_first(measured: tuple[int, int]) -> tuple[int, int]:
+    return measured[0], -measured[1]  # the most tokens; among ties, the first row
 
 
 def _default_image_root(path: Path) -> Path:
@@ -614,17 +620,16 @@ def check_dataset(
         root, max_aspect, pil_limit if max_pixels is None else max_pixels, processor, max_length, pil_limit
     )
     report = Report(str(path), fmt, str(root), max_length=max_length)
-    total = _count_rows(path, fmt)
-    rows = _raw_rows(path, fmt)
-    if fmt in ("parquet", "arrow"):
-        total = len(_open_table(path, fmt))
+    table = _open_table(path, fmt) if fmt in ("parquet", "arrow") else None
+    total = len(table) if table is not None else _count_rows(path, fmt)
+    rows = _raw_rows(path, fmt, table)
     measured: list[tuple[int, int]] = []
     bar = tqdm(total=total, unit="row", desc=f"checking {path.name}", disable=not progress, dynamic_ncols=True)
 
     def collect(result: tuple[list[Problem], list[tuple[int, int]]], n: int) -> None:
         report.problems.extend(result[0])
         if result[1]:
-            measured.append(max(result[1]))
+            measured.append(max(result[1], key=_longest_first))
         report.total += n
         bar.update(n)
 
@@ -646,7 +651,7 @@ def check_dataset(
                     collect(task.get(), n)
     report.problems.sort(key=lambda p: (p.index, KINDS.index(p.kind)))
     if measured:
-        report.longest = max(measured)
+        report.longest = max(measured, key=_longest_first)
     report.seconds = time.perf_counter() - start_time
     return report
 
