@@ -364,7 +364,7 @@ def train(
     # Saved configs name the base and the tower by path: make them work from any directory.
     recipe.output_dir = str(Path(recipe.output_dir).resolve())
     configs = {s.name: sft_config(recipe, s) for s in recipe.stages}
-    for spec in recipe.stages:
+    for spec in recipe.stages if stage is None else [recipe.stage(stage)]:
         for split in ("train", "eval"):
             path = getattr(spec.data, split)
             if path is not None and not Path(path).exists():
