@@ -17,8 +17,8 @@ PROJECTOR_KINDS = ("cross_attention", "mlp", "linear")
 class VLMConfig:
     """What makes a base LLM a VLM.
 
-    `vision_model` names the tower (hub id or local dir); `vision_config` instead builds one with
-    random weights from an inline config dict (tests, demos). Fields marked *filled at attach* are
+    `vision_model` names the tower (hub id or local dir); `vision_config`, when set, builds one
+    with random weights from an inline config dict instead (tests, demos, benchmarks). Fields marked *filled at attach* are
     read off the tower and the LLM, so a saved config fully describes the projector's shapes.
     """
 

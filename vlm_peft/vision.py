@@ -93,7 +93,7 @@ def vision_config_dict(config: PretrainedConfig) -> dict[str, Any]:
 
 def load_vision_tower(cfg: VLMConfig, base_dir: str | Path | None = None) -> VisionTower:
     """Build the tower a config names. `./sub` paths are relative to `base_dir` (an adapter dir)."""
-    if cfg.vision_model is None:
+    if cfg.vision_config is not None:  # an explicit config wins over the default hub id
         return VisionTower(build_vision_model(cfg.vision_config), cfg.vision_feature_layer, source=None)
     source = cfg.vision_model
     if source.startswith("./") and base_dir is not None:
