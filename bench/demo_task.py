@@ -1,0 +1,301 @@
+"""Projector variants learning the demo task side by side: same recipe, data, seeds; only the projector differs.
+
+Why: the projector is the one part we choose (cross-attention with N queries vs LLaVA-1.5's `mlp` vs
+MiniMind-V's `linear`, one token per patch), and fewer image tokens are cheaper per step. This runs the
+demo recipe's stages (`recipes/demo.yaml`, through `vlm_peft.train.train`) once per variant in a fresh
+output dir, and a callback measures held-out exact match on a fixed subset of the sft eval split every K
+sft steps, so that learning speed can be compared in steps and in wall-clock seconds.
+
+The clock ("train s") counts only the trainer loops of both stages (align + sft) and excludes the probe
+evaluations themselves, so probes do not distort timings; "total s" is the whole `train()` call (model
+building and end-of-stage evaluations included), probes excluded too.
+
+Run: `python -m bench.demo_task [--out results.json]` (4 variants, ~10 min on 2 cores) or
+`python -m bench.demo_task --quick` (tiny data and steps, 2 variants, under a minute; for CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from data_tools.synth import make_shapes_dataset
+from vlm_peft.data import load_rows
+from vlm_peft.evaluate import evaluate
+from vlm_peft.recipe import load_recipe
+from vlm_peft.train import train
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+THRESHOLD = 0.9
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str
+    tokens: int
+
+
+# The demo tower has 16 patches: mlp and linear emit one token per patch, so they must use 16.
+CA16 = Variant("cross_attention-16", "cross_attention", 16)
+CA4 = Variant("cross_attention-4", "cross_attention", 4)
+MLP = Variant("mlp-16", "mlp", 16)
+LINEAR = Variant("linear-16", "linear", 16)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Sizes of one run. The first two variants get the same-wall-clock-budget comparison."""
+
+    variants: tuple[Variant, ...]
+    data: dict[str, int]
+    every: int  # probe every K sft steps
+    probe_rows: int  # first N rows of the sft eval split
+    overrides: tuple[str, ...] = ()
+
+
+FULL = Mode(
+    variants=(CA16, CA4, MLP, LINEAR),
+    data={"align_train": 3000, "align_eval": 200, "sft_train": 3000, "sft_eval": 300},  # the demo's data
+    every=100,
+    probe_rows=100,
+)
+QUICK = Mode(
+    variants=(CA16, MLP),
+    data={"align_train": 64, "align_eval": 16, "sft_train": 64, "sft_eval": 16},
+    every=10,
+    probe_rows=16,
+    overrides=tuple(
+        f"stages.{stage}.args.{key}={value}"
+        for stage, steps in (("align", 10), ("sft", 20))
+        for key, value in (("max_steps", steps), ("warmup_steps", 2), ("save_steps", 1000), ("logging_steps", 10))
+    ),
+)
+
+
+@dataclass
+class Probe(TrainerCallback):
+    """Every `every` sft steps (and before the first), exact match of the trainer's model on `rows`.
+
+    Also keeps the clock: seconds inside the trainer loops of all stages so far, probes excluded.
+    """
+
+    rows: Any
+    image_root: str
+    every: int
+    batch_size: int
+    max_new_tokens: int
+    stage: str = "sft"
+    curve: list[dict[str, float]] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    probe_s: float = 0.0
+    banked: float = 0.0  # trainer-loop seconds of finished stages
+    _begin: float = 0.0
+    _paused: float = 0.0  # probe seconds within the current stage
+    _last: float = 0.0
+
+    def clock(self) -> float:
+        return self.banked + time.perf_counter() - self._begin - self._paused
+
+    def _is_probed(self, args: Any) -> bool:
+        return Path(args.output_dir).name == self.stage
+
+    def _probe(self, step: int, model: torch.nn.Module, processor: Any) -> None:
+        start = time.perf_counter()
+        at = self.clock()
+        summary, _ = evaluate(
+            model,
+            processor,
+            self.rows,
+            self.image_root,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+        )
+        self.curve.append({"step": step, "train_s": round(at, 2), "em": summary["exact_match"]})
+        print(f"  step {step:>4}  {at:7.1f} s  EM {summary['exact_match']:6.1%}", flush=True)
+        spent = time.perf_counter() - start
+        self._paused += spent
+        self.probe_s += spent
+        self._last = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._begin, self._paused = time.perf_counter(), 0.0
+        self._last = self._begin
+        if self._is_probed(args):
+            self._probe(state.global_step, kwargs["model"], kwargs["processing_class"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._is_probed(args):
+            return
+        self.step_s.append(time.perf_counter() - self._last)
+        self._last = time.perf_counter()
+        if state.global_step % self.every == 0:
+            self._probe(state.global_step, kwargs["model"], kwargs["processing_class"])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.banked = self.clock()
+
+
+def em_at(curve: list[dict[str, float]], seconds: float) -> float:
+    """EM at `seconds` on the train clock, linearly interpolated between probes (clamped at both ends)."""
+    points = [(p["train_s"], p["em"]) for p in curve]
+    if seconds <= points[0][0]:
+        return points[0][1]
+    for (t0, e0), (t1, e1) in zip(points, points[1:]):
+        if seconds <= t1:
+            return e0 + (e1 - e0) * (seconds - t0) / max(t1 - t0, 1e-9)
+    return points[-1][1]
+
+
+def run_variant(variant: Variant, mode: Mode, data: Path, work: Path, seed: int) -> dict[str, Any]:
+    """Both demo stages for one projector variant, in its own output dir (the random base is rebuilt, same seed)."""
+    sets = [
+        f"output_dir={work / variant.name}",
+        f"seed={seed}",
+        f"llm.tokenizer={data / 'tokenizer'}",
+        f"projector.kind={variant.kind}",
+        f"projector.num_image_tokens={variant.tokens}",
+        *(f"stages.{s}.data.{x}={data / f'{s}_{x}.jsonl'}" for s in ("align", "sft") for x in ("train", "eval")),
+        *(f"stages.{s}.args.disable_tqdm=true" for s in ("align", "sft")),  # logs as lines, not progress bars
+        *mode.overrides,
+    ]
+    recipe = load_recipe(RECIPE, sets)
+    sft = recipe.stage("sft")
+    rows = load_rows(data / "sft_eval.jsonl")
+    probe = Probe(
+        rows=rows.select(range(min(mode.probe_rows, len(rows)))),
+        image_root=str(data),
+        every=mode.every,
+        batch_size=sft.eval.batch_size,
+        max_new_tokens=sft.eval.max_new_tokens,
+    )
+    print(f"{variant.name}: projector {variant.kind}, {variant.tokens} image tokens", flush=True)
+    start = time.perf_counter()
+    metrics = train(recipe, callbacks=[probe])
+    total = time.perf_counter() - start - probe.probe_s
+    reached = next((p for p in probe.curve if p["em"] >= THRESHOLD), None)
+    return {
+        "variant": asdict(variant),
+        "final_em": metrics["sft"]["eval_exact_match"],
+        "final_token_accuracy": metrics["sft"]["eval_token_accuracy"],
+        "final_eval_samples": metrics["sft"]["eval_samples"],
+        "align_token_accuracy": metrics["align"].get("eval_token_accuracy"),
+        "reach_90": reached and {"step": reached["step"], "train_s": reached["train_s"]},
+        "train_s": round(probe.banked, 2),
+        "total_s": round(total, 2),
+        "probe_s": round(probe.probe_s, 2),
+        "sft_step_ms_median": round(1000 * statistics.median(probe.step_s), 1),
+        "trainable_align": metrics["align"]["projector"] + metrics["align"]["lora"],
+        "trainable_sft": metrics["sft"]["projector"] + metrics["sft"]["lora"],
+        "trainable_sft_projector": metrics["sft"]["projector"],
+        "curve": probe.curve,
+        "metrics": metrics,
+    }
+
+
+def same_budget(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """EM each variant had reached when the faster of the two finished training (train clock)."""
+    budget = min(a["train_s"], b["train_s"])
+    return {
+        "budget_train_s": budget,
+        "faster": (a if a["train_s"] <= b["train_s"] else b)["variant"]["name"],
+        "em": {r["variant"]["name"]: em_at(r["curve"], budget) for r in (a, b)},
+    }
+
+
+def report(results: list[dict[str, Any]], budget: dict[str, Any], probe_rows: int) -> str:
+    header = (
+        f"{'variant':<20}{'final EM':>9}{'tok acc':>9}{'90% EM at':>16}{'train s':>9}{'total s':>9}"
+        f"{'sft step':>10}{'trainable sft':>15}{'(projector)':>13}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        hit = r["reach_90"]
+        reach = f"{hit['train_s']:.0f} s / st {hit['step']}" if hit else "not reached"
+        lines.append(
+            f"{r['variant']['name']:<20}{r['final_em']:>9.1%}{r['final_token_accuracy']:>9.1%}{reach:>16}"
+            f"{r['train_s']:>9.1f}{r['total_s']:>9.1f}{r['sft_step_ms_median']:>8.0f}ms"
+            f"{r['trainable_sft']:>15,}{r['trainable_sft_projector']:>13,}"
+        )
+    lines += [
+        "",
+        f"final EM: full sft eval split ({results[0]['final_eval_samples']} rows), end of stage; 90% EM: first probe "
+        f"at >= 90% on the first {probe_rows} rows; train s: trainer loops of align + sft, probes excluded;",
+        "total s: the whole train() call, probes excluded; sft step: median wall time per sft optimizer step.",
+        "",
+        f"curves: held-out EM on the first {probe_rows} sft eval rows (step / train s / EM)",
+    ]
+    for r in results:
+        points = "  ".join(f"{p['step']}/{p['train_s']:.0f}s/{p['em']:.0%}" for p in r["curve"])
+        lines.append(f"{r['variant']['name']:<20}{points}")
+    names = list(budget["em"])
+    ems = ", ".join(f"{n} {e:.1%}" for n, e in budget["em"].items())
+    lines += [
+        "",
+        f"same wall-clock budget ({names[0]} vs {names[1]}): when {budget['faster']} finished "
+        f"({budget['budget_train_s']:.1f} train s): {ems} (interpolated)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny data and steps, two variants (CI)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--seed", type=int, default=0, help="recipe seed, the same for every variant")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: 1 with --quick, else torch's choice, as the demo runs). 1 keeps timings sane "
+        "on a CPU shared with another busy process: there each of the tiny model's many small ops can wait a whole "
+        "scheduler slice for its 2nd thread (measured: --quick took 643 s with 2 threads beside one busy process, "
+        "10 s with 1)",
+    )
+    args = parser.parse_args(argv)
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    mode = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="demo_task_") as tmp:
+        data = make_shapes_dataset(Path(tmp) / "data", seed=args.seed, **mode.data)
+        results = [run_variant(v, mode, data, Path(tmp) / "runs", args.seed) for v in mode.variants]
+    budget = same_budget(results[0], results[1])
+    wall = time.perf_counter() - start
+    print()
+    print(report(results, budget, mode.probe_rows))
+    print(
+        f"\nbenchmark wall time {wall:.0f} s (probes included); torch threads {torch.get_num_threads()}, "
+        f"cores {os.cpu_count()}, 1-min load {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+    )
+    if args.out:
+        out = {
+            "mode": "quick" if args.quick else "full",
+            "seed": args.seed,
+            "probe_every": mode.every,
+            "probe_rows": mode.probe_rows,
+            "data": mode.data,
+            "overrides": list(mode.overrides),
+            "wall_s": round(wall, 1),
+            "torch_threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+            "load_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+            "results": results,
+            "same_budget": budget,
+        }
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
