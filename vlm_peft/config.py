@@ -18,8 +18,9 @@ class VLMConfig:
     """What makes a base LLM a VLM.
 
     `vision_model` names the tower (hub id or local dir); `vision_config`, when set, builds one
-    with random weights from an inline config dict instead (tests, demos, benchmarks). Fields marked *filled at attach* are
-    read off the tower and the LLM, so a saved config fully describes the projector's shapes.
+    with random weights from an inline config dict instead (tests, demos, benchmarks). Fields
+    marked *filled at attach* are read off the tower and the LLM, so a saved config fully
+    describes the projector's shapes.
     """
 
     vision_model: str | None = "openai/clip-vit-base-patch16"
