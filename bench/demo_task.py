@@ -10,13 +10,14 @@ The clock ("train s") counts only the trainer loops of both stages (align + sft)
 evaluations themselves, so probes do not distort timings; "total s" is the whole `train()` call (model
 building and end-of-stage evaluations included), probes excluded too.
 
-Run: `python -m bench.demo_task [--out results.json]` (4 variants, ~10 min on 2 cores) or
+Run: `python -m bench.demo_task [--out results.json]` (4 variants, 9.5 min measured, 1 thread) or
 `python -m bench.demo_task --quick` (tiny data and steps, 2 variants, under a minute; for CI).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -184,6 +185,10 @@ def run_variant(variant: Variant, mode: Mode, data: Path, work: Path, seed: int)
     metrics = train(recipe, callbacks=[probe])
     total = time.perf_counter() - start - probe.probe_s
     reached = next((p for p in probe.curve if p["em"] >= THRESHOLD), None)
+    # The stage's own predictions on the full eval split: what a variant that plateaus gets wrong.
+    with (recipe.stage_dir("sft") / "eval_predictions.jsonl").open() as handle:
+        wrong = [p for p in map(json.loads, handle) if not p["correct"]]
+    errors = collections.Counter(f"{p['target']!r} -> {p['prediction']!r}" for p in wrong).most_common(3)
     return {
         "variant": asdict(variant),
         "final_em": metrics["sft"]["eval_exact_match"],
@@ -199,6 +204,7 @@ def run_variant(variant: Variant, mode: Mode, data: Path, work: Path, seed: int)
         "trainable_sft": metrics["sft"]["projector"] + metrics["sft"]["lora"],
         "trainable_sft_projector": metrics["sft"]["projector"],
         "curve": probe.curve,
+        "top_errors": errors,
         "metrics": metrics,
     }
 
@@ -238,6 +244,10 @@ def report(results: list[dict[str, Any]], budget: dict[str, Any], probe_rows: in
     for r in results:
         points = "  ".join(f"{p['step']}/{p['train_s']:.0f}s/{p['em']:.0%}" for p in r["curve"])
         lines.append(f"{r['variant']['name']:<20}{points}")
+    lines += ["", "most common errors on the full sft eval split (target -> prediction: count)"]
+    for r in results:
+        shown = ", ".join(f"{e}: {n}" for e, n in r["top_errors"]) or "none"
+        lines.append(f"{r['variant']['name']:<20}{shown}")
     names = list(budget["em"])
     ems = ", ".join(f"{n} {e:.1%}" for n, e in budget["em"].items())
     lines += [
@@ -256,15 +266,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch threads (default: 1 with --quick, else torch's choice, as the demo runs). 1 keeps timings sane "
-        "on a CPU shared with another busy process: there each of the tiny model's many small ops can wait a whole "
-        "scheduler slice for its 2nd thread (measured: --quick took 643 s with 2 threads beside one busy process, "
-        "10 s with 1)",
+        default=1,
+        help="torch threads (default 1: with 2 threads on 2 cores beside one other busy process, each of the tiny "
+        "model's many small ops can wait a scheduler slice for its 2nd thread: --quick took 643 s instead of 10 s; "
+        "OMP_WAIT_POLICY=PASSIVE also avoids that)",
     )
     args = parser.parse_args(argv)
-    threads = args.threads or (1 if args.quick else None)
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     mode = QUICK if args.quick else FULL
     start = time.perf_counter()
     load_start = os.getloadavg()[0]

@@ -153,7 +153,19 @@ def test_demo_recipe_learns(trained, shapes, tmp_path):
     assert model.peft_config["default"].r == 8
     out = tmp_path / "preds.jsonl"
     assert (
-        main(["eval", str(recipe.stage_dir("sft")), "--data", str(shapes / "sft_eval.jsonl"), "--out", str(out)]) == 0
+        main(
+            [
+                "eval",
+                str(recipe.stage_dir("sft")),
+                "--data",
+                str(shapes / "sft_eval.jsonl"),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
     )
     again = [json.loads(line) for line in out.open()]
     assert [p["prediction"] for p in again] == [p["prediction"] for p in predictions]
