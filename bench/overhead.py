@@ -26,6 +26,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen3Config
 from vlm_peft import VLMConfig, add_lora, attach, detach
 from vlm_peft.hooks import get_state
 
+from .sizes import CLIP_B16, QWEN3_0_6B
+
 IMAGE_ID = 151_655
 
 
@@ -39,31 +41,7 @@ class Size:
     queries: tuple[int, int]  # the two cross-attention sizes compared
 
 
-REAL = Size(
-    llm=dict(
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151_936,
-        tie_word_embeddings=True,
-    ),
-    clip=dict(
-        model_type="clip_vision_model",
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=16,
-    ),
-    text=64,
-    batch=2,
-    repeats=3,
-    queries=(196, 64),
-)
+REAL = Size(llm=QWEN3_0_6B, clip=CLIP_B16, text=64, batch=2, repeats=3, queries=(196, 64))
 QUICK = Size(
     llm=dict(
         hidden_size=64,
