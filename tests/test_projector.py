@@ -76,7 +76,10 @@ def test_init_and_output_scale():
     proj = make()
     assert isinstance(proj, CrossAttentionProjector)
     weight = proj.vision_adapter.weight
-    assert weight.abs().max() <= 0.04 + 1e-6 and 0.01 < weight.std() < 0.03
+    std = weight.shape[1] ** -0.5  # variance-preserving: content starts at the positions' scale
+    assert weight.abs().max() <= 2 * std + 1e-6 and 0.7 * std < weight.std() < 1.1 * std
+    inner = proj.layers[0].attn.to_q.weight
+    assert inner.abs().max() <= 0.04 + 1e-6 and 0.01 < inner.std() < 0.03
     proj.match_output_scale(0.05)
     features, queries = inputs()
     out = proj(features, queries)
