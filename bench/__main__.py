@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.only:
         start = time.perf_counter()
         print(f"\n## {name}")
+        if name == "gpu" and not args.quick and not torch.cuda.is_available():
+            print("skipped: no CUDA device (`python -m bench.gpu --quick` runs its toy size on CPU)")
+            continue
         module = importlib.import_module(f"bench.{name}")
         module.main(["--quick"] if args.quick else [])
         print(f"({name}: {time.perf_counter() - start:.0f} s)")
