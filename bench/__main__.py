@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         print(f"\n## {name}")
         if name == "gpu" and not args.quick and not torch.cuda.is_available():
-            print("skipped: no CUDA device (`python -m bench.gpu --quick` runs its toy size on CPU)")
+            print("skipped: no CUDA device (`python -m bench.gpu --quick`: toy size on CPU; `--device cpu`: full size)")
             continue
         module = importlib.import_module(f"bench.{name}")
         module.main(["--quick"] if args.quick else [])

@@ -10,7 +10,7 @@ The clock ("train s") counts only the trainer loops of both stages (align + sft)
 evaluations themselves, so probes do not distort timings; "total s" is the whole `train()` call (model
 building and end-of-stage evaluations included), probes excluded too.
 
-Run: `python -m bench.demo_task [--out results.json]` (4 variants, 9.5 min measured, 1 thread) or
+Run: `python -m bench.demo_task [--out results.json]` (4 variants, under 9 min measured, 1 thread) or
 `python -m bench.demo_task --quick` (tiny data and steps, 2 variants, under a minute; for CI).
 """
 

@@ -44,7 +44,7 @@ class Size:
     queries: tuple[int, int]  # the two cross-attention sizes compared
 
 
-# 5 repetitions: single steps vary by up to ±8 % on a 2-core machine; 3 left 6 % gaps that were noise.
+# 5 repetitions: on a 2-core machine single steps stray by 5-25 % from the median; 3 left 6 % gaps that were noise.
 REAL = Size(llm=QWEN3_0_6B, clip=CLIP_B16, text=64, batch=2, repeats=5, queries=(196, 64))
 QUICK = Size(
     llm=dict(

@@ -73,11 +73,15 @@ def test_key_positions_are_2d_and_not_saved():
 
 
 def test_init_and_output_scale():
+    torch.manual_seed(0)
     proj = make()
     assert isinstance(proj, CrossAttentionProjector)
     weight = proj.vision_adapter.weight
-    std = weight.shape[1] ** -0.5  # variance-preserving: content starts at the positions' scale
-    assert weight.abs().max() <= 2 * std + 1e-6 and 0.7 * std < weight.std() < 1.1 * std
+    std = VISION**-0.5  # unit gain from the vision side: content starts at the positions' scale
+    assert weight.abs().max() <= 2 * std + 1e-6 and 0.8 * std < weight.std() < 0.95 * std  # 2-std cut: 0.88
+    # Far-apart widths so a fan-out (hidden) init could not pass for a fan-in one.
+    wide = build_projector(VLMConfig(vision_config={}, num_image_tokens=N, projector_heads=4), 8, 128, PATCHES)
+    assert 0.8 * 8**-0.5 < wide.vision_adapter.weight.std() < 0.95 * 8**-0.5
     inner = proj.layers[0].attn.to_q.weight
     assert inner.abs().max() <= 0.04 + 1e-6 and 0.01 < inner.std() < 0.03
     proj.match_output_scale(0.05)
