@@ -27,6 +27,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen3Config
 
 from vlm_peft import VLMConfig, add_lora, attach, detach
 from vlm_peft.hooks import get_state
+from vlm_peft.tiny import tiny_clip_config, tiny_qwen3_config
 from vlm_peft.vision import VisionTower, build_vision_model
 
 from .sizes import CLIP_B16, QWEN3_0_6B
@@ -47,25 +48,8 @@ class Size:
 # 5 repetitions: on a 2-core machine single steps stray by 5-25 % from the median; 3 left 6 % gaps that were noise.
 REAL = Size(llm=QWEN3_0_6B, clip=CLIP_B16, text=64, batch=2, repeats=5, queries=(196, 64))
 QUICK = Size(
-    llm=dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=151_936,
-        tie_word_embeddings=True,
-    ),
-    clip=dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    ),
+    llm=tiny_qwen3_config(vocab_size=151_936).to_dict(),  # the real vocab: IMAGE_ID must be in range
+    clip={**tiny_clip_config(), "num_hidden_layers": 1},
     text=16,
     batch=2,
     repeats=2,
