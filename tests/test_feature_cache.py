@@ -92,7 +92,7 @@ def test_cache_of_another_tower_or_image_is_refused(rows, tower, processor, vlm_
 
 
 @pytest.mark.slow
-def test_training_from_the_cache_equals_training_from_images(tmp_path):
+def test_training_from_the_cache_equals_training_from_images(tmp_path, monkeypatch):
     from data_tools.synth import make_shapes_dataset
     from vlm_peft.recipe import load_recipe
     from vlm_peft.train import cache_stage_features, train
@@ -113,6 +113,11 @@ def test_training_from_the_cache_equals_training_from_images(tmp_path):
         [f"output_dir={tmp_path / 'run'}", *sets, f"stages.align.data.features={tmp_path / 'features'}"],
     )
     assert cache_stage_features(cached, "align", dtype="float32")["distinct_new"] == 48
+
+    def no_tower(self, pixel_values):
+        raise AssertionError("the vision tower ran although the stage reads a feature cache")
+
+    monkeypatch.setattr(VisionTower, "forward", no_tower)
     train(cached, stage="align", overwrite=True)  # same output_dir: same random base and tower
     b = load_file(cached.stage_dir("align") / "projector.safetensors")
     for key in a:

@@ -232,6 +232,10 @@ def run_stage(
     eval_rows = load_rows(stage.data.eval, stage.data.format) if stage.data.eval else None
     if args.max_length is not None:
         train_rows = fit_to_length(train_rows, processor, args.max_length, f"stages.{stage.name}.data.train")
+    features = None
+    if stage.data.features:
+        features = FeatureCache(stage.data.features)
+        features.check(get_state(unwrap(model)).vision, processor.image_processor)
     counts = trainable_counts(model)
     logger.info(
         "stage %s: %d train rows, trainable projector %s + LoRA %s of %s parameters",
@@ -250,6 +254,7 @@ def run_stage(
         image_root,
         stage,
         callbacks,
+        features,
     )
     checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() and resume is not False else None
     if resume and checkpoint is None:
