@@ -2,7 +2,7 @@
 
 Why: the projector is the one part we choose (cross-attention with N queries vs LLaVA-1.5's `mlp` vs
 MiniMind-V's `linear`, one token per patch), and fewer image tokens are cheaper per step. This runs the
-demo recipe's stages (`recipes/demo.yaml`, through `vlm_peft.train.train`) once per variant in a fresh
+demo recipe's stages (`recipes/demo.yaml`, through `vlm_peft.training.stages.train`) once per variant in a fresh
 output dir, and a callback measures held-out exact match on a fixed subset of the sft eval split every K
 sft steps, so that learning speed can be compared in steps and in wall-clock seconds.
 
@@ -31,10 +31,10 @@ import torch
 from transformers import TrainerCallback
 
 from data_tools.synth import make_shapes_dataset
-from vlm_peft.data import load_rows
-from vlm_peft.evaluate import evaluate
-from vlm_peft.recipe import load_recipe
-from vlm_peft.train import train
+from vlm_peft.data.rows import load_rows
+from vlm_peft.training.evaluate import evaluate
+from vlm_peft.training.recipe import load_recipe
+from vlm_peft.training.stages import train
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 THRESHOLD = 0.9

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from vlm_peft import VLMConfig, VLMProcessor, attach
-from vlm_peft.collator import VLMCollator
-from vlm_peft.data import normalize_row
-from vlm_peft.feature_cache import FeatureCache, build_cache
+from vlm_peft.data.collator import VLMCollator
+from vlm_peft.data.feature_cache import FeatureCache, build_cache
+from vlm_peft.data.rows import normalize_row
+from vlm_peft.model.vision import VisionTower, build_vision_model
 from vlm_peft.tiny import tiny_image_processor, tiny_qwen3_config, tiny_tokenizer
-from vlm_peft.vision import VisionTower, build_vision_model
 
 
 def sizes(quick: bool) -> dict:

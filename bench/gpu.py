@@ -55,8 +55,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config
 
 import vlm_peft
-from vlm_peft.checkpoint import unwrap
-from vlm_peft.hooks import PROJECTOR_ATTR, get_state
+from vlm_peft.model.checkpoint import unwrap
+from vlm_peft.model.hooks import PROJECTOR_ATTR, get_state
 
 # The docstring's formula, printed and written to the JSON (None under `python -OO`).
 FORMULA = __doc__.split("FLOPs per step", 1)[1].split("\nRun:", 1)[0] if __doc__ else " formula: see bench/gpu.py"

@@ -26,9 +26,9 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
 from vlm_peft import VLMConfig, add_lora, attach, detach
-from vlm_peft.hooks import get_state
+from vlm_peft.model.hooks import get_state
+from vlm_peft.model.vision import VisionTower, build_vision_model
 from vlm_peft.tiny import tiny_clip_config, tiny_qwen3_config
-from vlm_peft.vision import VisionTower, build_vision_model
 
 from .sizes import CLIP_B16, QWEN3_0_6B
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from vlm_peft.config import VLMConfig
-from vlm_peft.projector import build_projector, init_weights, sincos_2d, trunc_normal
+from vlm_peft.model.config import VLMConfig
+from vlm_peft.model.projector import build_projector, init_weights, sincos_2d, trunc_normal
 
 
 @dataclass

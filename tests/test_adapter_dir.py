@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from vlm_peft import VLMConfig, VLMProcessor, add_lora, attach, detach, save_adapter
-from vlm_peft.checkpoint import PROJECTOR_FILE
+from vlm_peft.model.checkpoint import PROJECTOR_FILE
 from vlm_peft.tiny import tiny_qwen3
 
 from .conftest import make_image, user_turn
@@ -138,7 +138,7 @@ def test_referenced_vision_tower_is_not_copied(base_dir, processor, vlm_cfg, tmp
 
     from transformers import CLIPConfig, CLIPModel
 
-    from vlm_peft.vision import build_vision_model
+    from vlm_peft.model.vision import build_vision_model
 
     tower_dir = tmp_path / "clip"
     if full_clip:  # a whole CLIP checkpoint (text + vision), as on the hub
@@ -167,7 +167,7 @@ def test_referenced_vision_tower_is_not_copied(base_dir, processor, vlm_cfg, tmp
 
 
 def test_tower_object_given_to_attach_is_the_one_saved(base_dir, processor, vlm_cfg, tmp_path):
-    from vlm_peft.vision import build_vision_model
+    from vlm_peft.model.vision import build_vision_model
 
     torch.manual_seed(7)
     tower = build_vision_model(vlm_cfg.vision_config)  # not the tower the config would build

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vlm_peft import add_lora, attach, detach
-from vlm_peft.hooks import PROJECTOR_ATTR
+from vlm_peft.model.hooks import PROJECTOR_ATTR
 
 from .conftest import N, make_image, user_turn
 

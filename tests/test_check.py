@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_tools.check import KINDS, check_dataset, fix, main
-from vlm_peft.data import load_rows
+from vlm_peft.data.rows import load_rows
 
 from .conftest import N, make_image
 
@@ -330,7 +330,7 @@ def test_main_exit_codes(crafted, processor, tmp_path, capsys):
 
 
 def test_image_cut_rows_are_the_ones_training_drops(tmp_path, processor):
-    from vlm_peft.data import fit_to_length
+    from vlm_peft.data.rows import fit_to_length
 
     make_image((255, 0, 0)).save(tmp_path / "ok.png")
     rows = [

@@ -2,7 +2,7 @@ import json
 
 from data_tools.synth import make_shapes_dataset
 from vlm_peft.cli import main
-from vlm_peft.data import load_rows
+from vlm_peft.data.rows import load_rows
 
 
 def test_vlm_peft_data_subcommands(tmp_path):

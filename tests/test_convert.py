@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_tools import convert as conv
 from data_tools.convert import convert, detect_format, main, rejects_path
-from vlm_peft.data import load_rows, open_image
+from vlm_peft.data.rows import load_rows, open_image
 
 IMG = {"type": "image", "text": None}
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from vlm_peft.collator import IGNORE_INDEX, VLMCollator
-from vlm_peft.data import load_rows, normalize_row
+from vlm_peft.data.collator import IGNORE_INDEX, VLMCollator
+from vlm_peft.data.rows import load_rows, normalize_row
 
 from .conftest import N, make_image
 
@@ -111,7 +111,7 @@ def test_truncation_inside_an_image_is_refused(processor, root):
 def test_rows_whose_images_would_be_cut_are_dropped_and_counted(processor, root, caplog):
     import logging
 
-    from vlm_peft.data import fit_to_length
+    from vlm_peft.data.rows import fit_to_length
 
     long_text = {
         "messages": [{"role": "user", "content": "word " * 40 + "!"}, *image_row()["messages"]],

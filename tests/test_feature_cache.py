@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 from vlm_peft import attach
-from vlm_peft import feature_cache as fc_module
-from vlm_peft.collator import VLMCollator
-from vlm_peft.data import load_rows
-from vlm_peft.feature_cache import FeatureCache, build_cache
-from vlm_peft.vision import VisionTower, build_vision_model
+from vlm_peft.data import feature_cache as fc_module
+from vlm_peft.data.collator import VLMCollator
+from vlm_peft.data.feature_cache import FeatureCache, build_cache
+from vlm_peft.data.rows import load_rows
+from vlm_peft.model.vision import VisionTower, build_vision_model
 
 from .conftest import make_image
 
@@ -94,8 +94,8 @@ def test_cache_of_another_tower_or_image_is_refused(rows, tower, processor, vlm_
 @pytest.mark.slow
 def test_training_from_the_cache_equals_training_from_images(tmp_path, monkeypatch):
     from data_tools.synth import make_shapes_dataset
-    from vlm_peft.recipe import load_recipe
-    from vlm_peft.train import cache_stage_features, train
+    from vlm_peft.training.recipe import load_recipe
+    from vlm_peft.training.stages import cache_stage_features, train
 
     shapes = make_shapes_dataset(tmp_path / "shapes", seed=2, align_train=48, align_eval=8, sft_train=8, sft_eval=8)
     sets = [

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from vlm_peft import add_lora, attach, load, merge, save_adapter
-from vlm_peft.checkpoint import PROJECTOR_FILE
+from vlm_peft.model.checkpoint import PROJECTOR_FILE
 
 from .conftest import make_image, user_turn
 
@@ -93,7 +93,7 @@ def test_sharded_and_bf16(adapter, processor, tmp_path):
 
 
 def test_failed_merge_leaves_nothing_and_existing_dirs_are_kept(adapter, tmp_path, monkeypatch):
-    from vlm_peft import processor as processor_module
+    from vlm_peft.data import processor as processor_module
 
     def boom(self, *args, **kwargs):
         raise OSError("disk full")

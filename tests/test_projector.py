@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vlm_peft import VLMConfig
-from vlm_peft.projector import CrossAttentionProjector, build_projector, sincos_2d
+from vlm_peft.model.projector import CrossAttentionProjector, build_projector, sincos_2d
 
 VISION, HIDDEN, PATCHES, N = 24, 32, 16, 6
 

@@ -3,7 +3,7 @@ import copy
 import pytest
 import yaml
 
-from vlm_peft.recipe import RecipeError, apply_override, load_recipe
+from vlm_peft.training.recipe import RecipeError, apply_override, load_recipe
 
 DEMO = yaml.safe_load(open("recipes/demo.yaml"))
 

@@ -16,8 +16,8 @@ from transformers import TrainerCallback
 from data_tools.synth import make_shapes_dataset
 from vlm_peft import load
 from vlm_peft.cli import main
-from vlm_peft.recipe import RecipeError, load_recipe
-from vlm_peft.train import train
+from vlm_peft.training.recipe import RecipeError, load_recipe
+from vlm_peft.training.stages import train
 
 pytestmark = pytest.mark.slow
 

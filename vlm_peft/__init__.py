@@ -1,13 +1,13 @@
 """vlm-peft: a frozen vision tower and a trainable projector on an unmodified Qwen3, by hooks."""
 
-from .attach import attach, detach, vlm_config
-from .checkpoint import save_adapter
-from .config import VLMConfig
-from .loading import load
-from .lora import add_lora, lora_config
-from .merge import merge
-from .processor import VLMProcessor
-from .vision import VisionTower
+from .data.processor import VLMProcessor
+from .model.attach import attach, detach, vlm_config
+from .model.checkpoint import save_adapter
+from .model.config import VLMConfig
+from .model.lora import add_lora, lora_config
+from .model.vision import VisionTower
+from .serving.loading import load
+from .serving.merge import merge
 
 __version__ = "0.1.0"
 

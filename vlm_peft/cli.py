@@ -12,8 +12,8 @@ logger = logging.getLogger("vlm_peft")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
-    from .train import train
+    from .training.recipe import load_recipe
+    from .training.stages import train
 
     recipe = load_recipe(args.recipe, args.set or [])
     resume = {"auto": None, "yes": True, "no": False}[args.resume]
@@ -44,9 +44,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .data import load_rows
-    from .evaluate import evaluate, format_summary
-    from .loading import load
+    from .data.rows import load_rows
+    from .serving.loading import load
+    from .training.evaluate import evaluate, format_summary
 
     model, processor = load(args.model_dir, base=args.base, device=args.device)
     rows = load_rows(args.data)
@@ -69,7 +69,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .merge import merge
+    from .serving.merge import merge
 
     out = merge(
         args.adapter_dir,
@@ -85,8 +85,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .chat import Chat, generation_kwargs
-    from .loading import load
+    from .serving.chat import Chat, generation_kwargs
+    from .serving.loading import load
 
     model, processor = load(args.model_dir, base=args.base, device=args.device)
     chat = Chat(
@@ -103,8 +103,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     if args.tool == "cache-features":
-        from .recipe import load_recipe
-        from .train import cache_stage_features
+        from .training.recipe import load_recipe
+        from .training.stages import cache_stage_features
 
         recipe = load_recipe(args.recipe, args.set or [])
         counts = cache_stage_features(recipe, args.stage, args.out, args.batch_size, args.dtype)

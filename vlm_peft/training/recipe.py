@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .config import PROJECTOR_KINDS
+from ..model.config import PROJECTOR_KINDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRAINABLE = ("projector", "lora")

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..model.vision import VisionTower
 from .processor import to_rgb
-from .vision import VisionTower
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .data import WHERE, open_image, with_images
 from .feature_cache import FeatureCache
 from .processor import VLMProcessor
+from .rows import WHERE, open_image, with_images
 
 IGNORE_INDEX = -100
 

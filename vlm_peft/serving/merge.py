@@ -21,9 +21,9 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from .checkpoint import PROJECTOR_FILE, VISION_DIR, active_projector, unwrap
-from .config import VLMConfig
-from .hooks import PROJECTOR_ATTR, get_state
+from ..model.checkpoint import PROJECTOR_FILE, VISION_DIR, active_projector, unwrap
+from ..model.config import VLMConfig
+from ..model.hooks import PROJECTOR_ATTR, get_state
 from .loading import load
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ import torch
 from transformers.trainer_optimizer import is_optimizer_factory
 from trl import SFTTrainer
 
-from .checkpoint import load_training_weights, save_adapter
-from .hooks import PROJECTOR_ATTR
+from ..model.checkpoint import load_training_weights, save_adapter
+from ..model.hooks import PROJECTOR_ATTR
 
 
 class VLMTrainer(SFTTrainer):

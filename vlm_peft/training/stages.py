@@ -15,19 +15,19 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
-from .attach import attach
-from .checkpoint import load_training_weights, unwrap
-from .collator import VLMCollator
-from .config import CONFIG_NAME, VLMConfig
-from .data import fit_to_length, load_rows
+from ..data.collator import VLMCollator
+from ..data.feature_cache import FeatureCache, build_cache
+from ..data.processor import VLMProcessor
+from ..data.rows import fit_to_length, load_rows
+from ..model.attach import attach
+from ..model.checkpoint import load_training_weights, unwrap
+from ..model.config import CONFIG_NAME, VLMConfig
+from ..model.hooks import PROJECTOR_ATTR, get_state
+from ..model.lora import add_lora, lora_config
+from ..model.vision import build_vision_model, load_vision_tower
+from ..tiny import tiny_image_processor
 from .evaluate import evaluate, format_summary
-from .feature_cache import FeatureCache, build_cache
-from .hooks import PROJECTOR_ATTR, get_state
-from .lora import add_lora, lora_config
-from .processor import VLMProcessor
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
-from .tiny import tiny_image_processor
-from .vision import build_vision_model, load_vision_tower
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from .attach import attach
-from .config import CONFIG_NAME, VLMConfig
-from .processor import VLMProcessor
+from ..data.processor import VLMProcessor
+from ..model.attach import attach
+from ..model.config import CONFIG_NAME, VLMConfig
 
 
 def is_merged(directory: str | Path) -> bool:

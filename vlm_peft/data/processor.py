@@ -10,8 +10,8 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import load_image
 from transformers.tokenization_utils_base import AddedToken
 
+from ..model.splice import image_runs
 from .chat_template import QWEN3_VL_TEMPLATE
-from .splice import image_runs
 
 # Qwen3's chat markers; tiny test tokenizers may lack them, real Qwen ones never do.
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")

@@ -9,9 +9,9 @@ from typing import Any
 import datasets
 import torch
 
-from .collator import IGNORE_INDEX, VLMCollator
-from .data import WHERE, open_image, with_images
-from .processor import VLMProcessor
+from ..data.collator import IGNORE_INDEX, VLMCollator
+from ..data.processor import VLMProcessor
+from ..data.rows import WHERE, open_image, with_images
 
 
 def normalize(text: str) -> str:
