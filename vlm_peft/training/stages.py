@@ -10,29 +10,30 @@ from typing import Any
 
 import torch
 import yaml
-from peft import PeftModel
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
 from ..data.collator import VLMCollator
 from ..data.feature_cache import FeatureCache, build_cache
-from ..data.processor import VLMProcessor
 from ..data.rows import fit_to_length, load_rows
-from ..model.attach import attach
 from ..model.checkpoint import load_training_weights, unwrap
-from ..model.config import CONFIG_NAME, VLMConfig
-from ..model.hooks import PROJECTOR_ATTR, get_state
-from ..model.lora import add_lora, lora_config
-from ..model.vision import build_vision_model, load_vision_tower
-from ..tiny import tiny_image_processor
+from ..model.config import CONFIG_NAME
+from ..model.hooks import get_state
+from ..model.vision import load_vision_tower
+from .build import (
+    DTYPE,
+    build_processor,
+    build_stage_model,
+    load_tokenizer,
+    new_vlm_config,
+    prepare_base,
+    prepare_vision,
+    trainable_counts,
+)
 from .evaluate import evaluate, format_summary
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
 
 logger = logging.getLogger(__name__)
-
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-RANDOM_BASE, RANDOM_VISION = "base", "vision"
 
 
 def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
@@ -58,97 +59,6 @@ def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
         raise RecipeError(f"stages.{stage.name}.args: {err}") from err
 
 
-def _tokenizer(recipe: Recipe) -> Any:
-    source = recipe.llm.tokenizer or recipe.llm.name_or_path
-    return AutoTokenizer.from_pretrained(source)
-
-
-def prepare_base(recipe: Recipe, tokenizer: Any) -> str:
-    """The base LLM's dir. A random base is built once (seeded) and saved under output_dir, so
-    every stage, evaluation and merge sees the very same weights."""
-    if recipe.llm.name_or_path is not None:
-        return recipe.llm.name_or_path
-    path = Path(recipe.output_dir) / RANDOM_BASE
-    if _reuse_random(path, {"random": recipe.llm.random, "seed": recipe.seed}, "llm.random"):
-        return str(path)
-    spec = dict(recipe.llm.random)
-    model_type = spec.pop("model_type", "qwen3")
-    vocab = spec.setdefault("vocab_size", len(tokenizer))
-    if vocab < len(tokenizer):
-        raise RecipeError(f"llm.random.vocab_size: {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens.")
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    spec.setdefault("eos_token_id", eos)
-    spec.setdefault("pad_token_id", tokenizer.pad_token_id)
-    torch.manual_seed(recipe.seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec))
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    _write_random_manifest(path, {"random": recipe.llm.random, "seed": recipe.seed})
-    logger.info("built a random %s base (%s parameters) in %s", model_type, f"{model.num_parameters():,}", path)
-    return str(path)
-
-
-def prepare_vision(recipe: Recipe) -> str:
-    """The vision tower's dir (a random one is built once and saved, with its image processor)."""
-    if recipe.vision.name_or_path is not None:
-        return recipe.vision.name_or_path
-    path = Path(recipe.output_dir) / RANDOM_VISION
-    made_from = {"random": recipe.vision.random, "seed": recipe.seed}
-    if not _reuse_random(path, made_from, "vision.random"):
-        torch.manual_seed(recipe.seed + 1)
-        model = build_vision_model(recipe.vision.random)
-        model.save_pretrained(path)
-        tiny_image_processor(model.config.image_size).save_pretrained(path)
-        _write_random_manifest(path, made_from)
-    return str(path)
-
-
-RANDOM_MANIFEST = "vlm_peft_random.json"
-
-
-def _write_random_manifest(path: Path, made_from: dict) -> None:
-    (path / RANDOM_MANIFEST).write_text(json.dumps(made_from, sort_keys=True) + "\n")
-
-
-def _reuse_random(path: Path, made_from: dict, key: str) -> bool:
-    """A random model already built for this output_dir is reused only if built from the same config."""
-    manifest = path / RANDOM_MANIFEST
-    if not manifest.is_file():
-        return False
-    if json.loads(manifest.read_text()) != json.loads(json.dumps(made_from, sort_keys=True)):
-        raise RecipeError(
-            f"{key}: {path} was built from a different {key} or seed; use a new output_dir, or delete {path} "
-            "(and the stages trained on it)."
-        )
-    return True
-
-
-def build_processor(recipe: Recipe, tokenizer: Any, vision_dir: str) -> VLMProcessor:
-    image_processor = AutoImageProcessor.from_pretrained(recipe.vision.image_processor or vision_dir)
-    return VLMProcessor(image_processor, tokenizer, num_image_tokens=recipe.projector.num_image_tokens)
-
-
-def load_llm(base: str, dtype: str) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(base, dtype=DTYPE[dtype])
-
-
-def new_vlm_config(recipe: Recipe, vision_dir: str, processor: VLMProcessor) -> VLMConfig:
-    p = recipe.projector
-    return VLMConfig(
-        vision_model=vision_dir,
-        vision_feature_layer=recipe.vision.feature_layer,
-        projector=p.kind,
-        num_image_tokens=p.num_image_tokens,
-        projector_layers=p.layers,
-        projector_heads=p.heads,
-        projector_ffn_mult=p.ffn_mult,
-        projector_dropout=p.dropout,
-        image_token_id=processor.image_token_id,
-    )
-
-
 def is_complete(stage_dir: Path) -> bool:
     # metrics.json is written last, after evaluation: a stage that died before it reruns (and, its
     # last checkpoint being at max_steps, only re-saves and re-evaluates).
@@ -165,7 +75,7 @@ def cache_stage_features(
         raise RecipeError(f"stages.{stage}.data.features: set it (or pass --out) to say where the cache goes.")
     recipe.output_dir = str(Path(recipe.output_dir).resolve())
     vision_dir = prepare_vision(recipe)
-    processor = build_processor(recipe, _tokenizer(recipe), vision_dir)
+    processor = build_processor(recipe, load_tokenizer(recipe), vision_dir)
     tower = load_vision_tower(new_vlm_config(recipe, vision_dir, processor))
     if recipe.vision.dtype != "auto":
         tower.to(DTYPE[recipe.vision.dtype])
@@ -189,37 +99,6 @@ def cache_stage_features(
         counts = {k: counts.get(k, 0) + v for k, v in got.items() if k != "cached_total"} | {
             "cached_total": got["cached_total"]
         }
-    return counts
-
-
-def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Path | None, new_cfg: VLMConfig):
-    """The attached model for a stage: new projector, or the previous stage's; LoRA as the stage says."""
-    llm = load_llm(base, recipe.llm.dtype)
-    # New projector and LoRA weights come from the recipe's seed, whatever ran before in this process.
-    torch.manual_seed(recipe.seed)
-    model = attach(llm, init_from, is_trainable=True) if init_from else attach(llm, new_cfg)
-    if "lora" in stage.train and not isinstance(model, PeftModel):
-        spec = stage.lora
-        model = add_lora(
-            model,
-            lora_config(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules),
-        )
-    if recipe.vision.dtype != "auto":
-        get_state(unwrap(model)).vision.to(DTYPE[recipe.vision.dtype])
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_("lora" in stage.train)
-        elif PROJECTOR_ATTR in name and "original_module" not in name:
-            param.requires_grad_("projector" in stage.train)
-    return model
-
-
-def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
-    counts = {"projector": 0, "lora": 0, "total": 0}
-    for name, param in model.named_parameters():
-        counts["total"] += param.numel()
-        if param.requires_grad:
-            counts["lora" if "lora_" in name else "projector"] += param.numel()
     return counts
 
 
@@ -374,7 +253,7 @@ def train(
             path = getattr(spec.data, split)
             if path is not None and not Path(path).exists():
                 raise RecipeError(f"stages.{spec.name}.data.{split}: {path} not found.")
-    tokenizer = _tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe)
     base = prepare_base(recipe, tokenizer)
     vision_dir = prepare_vision(recipe)
     processor = build_processor(recipe, tokenizer, vision_dir)
