@@ -164,6 +164,18 @@ TEXT_CONVERSATIONS = [
         {"role": "tool", "content": "ok"},
         {"role": "assistant", "content": "Zoomed."},
     ],
+    # The last turn: only a newline, then tool calls (Qwen3 tests the content before stripping it).
+    [
+        {"role": "user", "content": "Zoom twice."},
+        {
+            "role": "assistant",
+            "content": "\n",
+            "tool_calls": [
+                {"function": {"name": "zoom", "arguments": {"x": 1}}},
+                {"function": {"name": "zoom", "arguments": '{"x": 2}'}},
+            ],
+        },
+    ],
 ]
 
 

@@ -57,18 +57,20 @@ QWEN3_VL_TEMPLATE = r"""
 {%- set content = content.split('</think>')[-1].lstrip('\n') -%}
 {%- endif -%}
 {{- '<|im_start|>assistant\n' -}}
+{%- set shown = content -%}
 {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning) -%}
 {%- if reasoning.strip('\n') -%}
 {%- generation -%}{{- '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' -}}{%- endgeneration -%}
 {%- else -%}
 {{- '<think>\n\n</think>\n\n' -}}
 {%- endif -%}
-{%- set content = content.lstrip('\n') -%}
+{%- set shown = content.lstrip('\n') -%}
 {%- endif -%}
 {%- generation -%}
-{{- content -}}
+{{- shown -}}
 {%- if message.tool_calls -%}
 {%- for tool_call in message.tool_calls -%}
+{#- As Qwen3's template: the newline test reads the content before its leading newlines are stripped. -#}
 {%- if (loop.first and content) or (not loop.first) -%}{{- '\n' -}}{%- endif -%}
 {%- if tool_call.function -%}{%- set tool_call = tool_call.function -%}{%- endif -%}
 {{- '<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' -}}

@@ -9,16 +9,81 @@ import torch
 
 from .feature_cache import FeatureCache
 from .processor import VLMProcessor
-from .rows import WHERE, open_image, with_images
+from .rows import WHERE, open_image, row_tools, with_images
 
 IGNORE_INDEX = -100
+
+
+def encode_chats(
+    processor: VLMProcessor,
+    conversations: list[list[dict[str, Any]]],
+    tools: list[str | None],
+    *,
+    padding_side: str,
+    processor_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """`processor.apply_chat_template` over a batch whose rows may each have their own tool list.
+
+    transformers renders one `tools` for a whole batch, so rows are encoded in groups of equal
+    tools, padded to one length on `padding_side` and put back in order (images too: pixel_values
+    stay in reading order, as the splice expects). `tools` holds each row's JSON string or None.
+    """
+    groups: dict[str | None, list[int]] = {}
+    for i, key in enumerate(tools):
+        groups.setdefault(key, []).append(i)
+    processor_kwargs = {**(processor_kwargs or {}), "padding": True, "padding_side": padding_side}
+
+    def encode(key: str | None, rows: list[int]) -> dict[str, torch.Tensor]:
+        return processor.apply_chat_template(
+            [conversations[i] for i in rows],
+            tools=row_tools({"tools": key}),
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs=processor_kwargs,
+            **kwargs,
+        )
+
+    if len(groups) == 1:
+        return dict(encode(*next(iter(groups.items()))))
+    pad = {"input_ids": processor.tokenizer.pad_token_id}
+    parts = {key: encode(key, rows) for key, rows in groups.items()}
+    length = max(out["input_ids"].shape[1] for out in parts.values())
+    seq_keys = [k for k, v in next(iter(parts.values())).items() if k != "pixel_values" and v.dim() == 2]
+    merged: dict[str, list[torch.Tensor | None]] = {k: [None] * len(tools) for k in seq_keys}
+    pixels: list[list[torch.Tensor]] = [[] for _ in tools]
+    for key, rows in groups.items():
+        out = parts[key]
+        for k in seq_keys:
+            short = length - out[k].shape[1]
+            padding = (short, 0) if padding_side == "left" else (0, short)
+            padded = torch.nn.functional.pad(out[k], padding, value=pad.get(k, 0))
+            for j, i in enumerate(rows):
+                merged[k][i] = padded[j]
+        if "pixel_values" in out:
+            start = 0
+            for i in rows:
+                count = sum(p.get("type") == "image" for m in conversations[i] for p in _parts(m))
+                pixels[i] = [out["pixel_values"][start : start + count]]
+                start += count
+    batch = {k: torch.stack(v) for k, v in merged.items()}
+    if any(pixels):
+        batch["pixel_values"] = torch.cat([t for p in pixels for t in p])
+    return batch
+
+
+def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    return content if isinstance(content, list) else []
 
 
 class VLMCollator:
     """Rows of the canonical format -> `input_ids`, `attention_mask`, `labels`, `pixel_values`.
 
-    Labels keep only what the assistant produces (its answers and `<|im_end|>`; an empty think
-    block is prompt), as the chat template's generation markers say.
+    Labels keep only what the assistant produces (its answers, tool calls and reasoning, and
+    `<|im_end|>`; an empty think block is prompt; tool results are not), as the chat template's
+    generation markers say.
     """
 
     def __init__(
@@ -45,18 +110,18 @@ class VLMCollator:
             else:
                 images = [open_image(ref, self.image_root, where) for ref in refs]
                 conversations.append(with_images(row["messages"], images))
-        kwargs: dict[str, Any] = {"padding": True, "padding_side": "right"}
+        kwargs: dict[str, Any] = {}
         if self.features is not None:
             kwargs["images_expected"] = False
         if self.max_length is not None:
             kwargs.update(truncation=True, max_length=self.max_length)
-        out = self.processor.apply_chat_template(
+        out = encode_chats(
+            self.processor,
             conversations,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            return_tensors="pt",
+            [row.get("tools") for row in rows],
+            padding_side="right",
             processor_kwargs=kwargs,
+            return_assistant_tokens_mask=True,
         )
         labels = out["input_ids"].clone()
         labels[(out["assistant_masks"] == 0) | (out["attention_mask"] == 0)] = IGNORE_INDEX

@@ -6,6 +6,13 @@ strings are accepted and turned into one text part), `images` the images of the 
 order of the image parts, each a path (relative to the image root, or absolute) or embedded
 bytes (`{"bytes": …}` as `datasets.Image` stores them). Files: JSONL, JSON (a list of rows),
 parquet, or a dir written by `Dataset.save_to_disk`.
+
+Tool use and reasoning, as transformers' chat format has them: an assistant message may carry
+`tool_calls` (`[{"type": "function", "function": {"name", "arguments"}}]`, or the bare
+`{"name", "arguments"}`) and `reasoning_content`; `tool` messages hold the results; a row-level
+`tools` (a list of function schemas, or that list as a JSON string) is rendered into the system
+prompt. In memory, `arguments` are JSON strings (rendered as Qwen3's template renders a dict) and
+`tools` is a JSON string, so that rows with different schemas share one Arrow column.
 """
 
 from __future__ import annotations
@@ -46,6 +53,49 @@ def _parts(content: Any, where: str) -> list[dict[str, Any]]:
     return parts
 
 
+def _arguments(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        # What Qwen3's template prints for a dict (`tojson`: json.dumps, non-ASCII kept).
+        return json.dumps(value, ensure_ascii=False)
+    raise ValueError(f"{where}.arguments: must be an object or a JSON string, got {type(value).__name__}.")
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]] | None:
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}: must be a list of {{type: function, function: {{name, arguments}}}}.")
+    out = []
+    for j, call in enumerate(calls):
+        here = f"{where}[{j}]"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"{here}: needs a function name ({{'function': {{'name': …, 'arguments': …}}}}).")
+        arguments = _arguments(function.get("arguments", {}), f"{here}.function")
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out or None
+
+
+def _tools(tools: Any, where: str) -> str | None:
+    if tools is None or tools == "":
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: 'tools' is a string but not JSON: {err}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f"{where}: 'tools' must be a list of function schemas (objects).")
+    return json.dumps(tools, ensure_ascii=False) if tools else None
+
+
+def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A canonical row's tool schemas, as the chat template takes them."""
+    return json.loads(row["tools"]) if row.get("tools") else None
+
+
 def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     """One row in canonical form, or a ValueError that names the row and the field."""
     messages = row.get("messages")
@@ -55,7 +105,19 @@ def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise ValueError(f"{where}: messages[{i}] needs a role in {list(ROLES)}, got {message!r}.")
-        out.append({"role": message["role"], "content": _parts(message.get("content"), f"{where}: messages[{i}]")})
+        here = f"{where}: messages[{i}]"
+        entry = {"role": message["role"], "content": _parts(message.get("content"), here)}
+        calls = _tool_calls(message.get("tool_calls"), f"{here}.tool_calls")
+        reasoning = message.get("reasoning_content")
+        if (calls or reasoning is not None) and message["role"] != "assistant":
+            raise ValueError(f"{here}: only assistant turns carry tool_calls or reasoning_content.")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise ValueError(f"{here}.reasoning_content: must be a string, got {type(reasoning).__name__}.")
+        if calls:
+            entry["tool_calls"] = calls
+        if reasoning is not None:
+            entry["reasoning_content"] = reasoning
+        out.append(entry)
     images = row.get("images") or []
     if isinstance(images, (str, dict)):
         images = [images]
@@ -65,7 +127,7 @@ def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     if out[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the last message must be the assistant's answer (found {out[-1]['role']!r}).")
     images = [img if isinstance(img, str) else dict(img) for img in images]
-    return {"messages": out, "images": images, WHERE: where}
+    return {"messages": out, "images": images, "tools": _tools(row.get("tools"), where), WHERE: where}
 
 
 def _json_rows(path: Path) -> Iterator[dict[str, Any]]:
@@ -128,18 +190,21 @@ def open_image(ref: str | dict[str, Any], image_root: str | Path | None, where: 
 
 
 def with_images(messages: list[dict[str, Any]], images: list[Image.Image]) -> list[dict[str, Any]]:
-    """The conversation with each image part holding its PIL image, in order."""
+    """The conversation as the chat template takes it: each image part holding its PIL image, in
+    order; tool calls and reasoning kept where a message has them."""
     it = iter(images)
-    return [
-        {
-            "role": m["role"],
-            "content": [
-                {"type": "image", "image": next(it)} if p["type"] == "image" else {"type": "text", "text": p["text"]}
-                for p in m["content"]
-            ],
-        }
-        for m in messages
-    ]
+    out = []
+    for m in messages:
+        parts = [
+            {"type": "image", "image": next(it)} if p["type"] == "image" else {"type": "text", "text": p["text"]}
+            for p in m["content"]
+        ]
+        message = {"role": m["role"], "content": parts}
+        for key in ("tool_calls", "reasoning_content"):
+            if m.get(key) is not None:  # Arrow gives every message every key, None where absent
+                message[key] = m[key]
+        out.append(message)
+    return out
 
 
 def fit_to_length(rows: datasets.Dataset, processor: Any, max_length: int, where: str) -> datasets.Dataset:
@@ -148,7 +213,10 @@ def fit_to_length(rows: datasets.Dataset, processor: Any, max_length: int, where
     end_id = processor.tokenizer.convert_tokens_to_ids(processor.vision_end_token)
 
     def measure(batch: dict[str, list]) -> dict[str, list]:
-        texts = [processor.apply_chat_template(m) for m in batch["messages"]]
+        tools = batch.get("tools") or [None] * len(batch["messages"])
+        texts = [
+            processor.apply_chat_template(m, tools=row_tools({"tools": t})) for m, t in zip(batch["messages"], tools)
+        ]
         ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
         image_end = [max((i + 1 for i, t in enumerate(seq) if t == end_id), default=0) for seq in ids]
         return {"__tokens__": [len(seq) for seq in ids], "__image_end__": image_end}

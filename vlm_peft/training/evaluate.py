@@ -9,9 +9,9 @@ from typing import Any
 import datasets
 import torch
 
-from ..data.collator import IGNORE_INDEX, VLMCollator
+from ..data.collator import IGNORE_INDEX, VLMCollator, encode_chats
 from ..data.processor import VLMProcessor
-from ..data.rows import WHERE, open_image, with_images
+from ..data.rows import WHERE, open_image, row_tools, with_images
 
 
 def normalize(text: str) -> str:
@@ -44,36 +44,60 @@ def evaluate(
         model.train(was_training)
 
 
+THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
+
+
+def _target(processor: VLMProcessor, messages: list[dict[str, Any]], tools: Any, think: bool) -> str:
+    """What the model should generate after the prompt, as the template renders it (answer, tool-call
+    blocks, and the think block when the answer has reasoning), without `<|im_end|>`."""
+    kwargs = {"tools": tools, "enable_thinking": think}
+    full = processor.apply_chat_template(messages, **kwargs)
+    prompt = processor.apply_chat_template(messages[:-1], add_generation_prompt=True, **kwargs)
+    if not full.startswith(prompt):  # cannot happen with the shipped template; a custom one may differ
+        return _answer(messages[-1])
+    return full[len(prompt) :].removesuffix("\n").removesuffix("<|im_end|>")
+
+
 def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_tokens: int):
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stop = {end_of_turn, tokenizer.pad_token_id}
     collator = VLMCollator(processor, image_root)
     predictions: list[dict[str, Any]] = []
     loss_sum, loss_tokens, tokens_right = 0.0, 0, 0
     for start in range(0, len(rows), batch_size):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        prompts = []
+        # Rows whose answer has reasoning are prompted in thinking mode, as they were trained.
+        groups: dict[tuple[Any, bool], list[int]] = {}
+        conversations = []
         for offset, row in enumerate(batch):
             where = row.get(WHERE) or f"row {start + offset}"
             images = [open_image(ref, image_root, where) for ref in row.get("images") or []]
-            prompts.append(with_images(row["messages"], images)[:-1])
-        inputs = processor.apply_chat_template(
-            prompts,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"},
-        )
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=end_of_turn,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            conversations.append(with_images(row["messages"], images))
+            think = bool(row["messages"][-1].get("reasoning_content"))
+            groups.setdefault((row.get("tools"), think), []).append(offset)
+        texts: list[str] = [""] * len(batch)
+        for (tools, think), members in groups.items():
+            inputs = encode_chats(
+                processor,
+                [conversations[i][:-1] for i in members],
+                [tools] * len(members),
+                padding_side="left",
+                add_generation_prompt=True,
+                enable_thinking=think,
+            )
+            inputs = {k: v.to(model.device) for k, v in inputs.items()}
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=end_of_turn,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for i, ids in zip(members, out[:, inputs["input_ids"].shape[1] :].tolist()):
+                # Up to the end of the turn; special tokens kept, as tool-call and think markers may be.
+                cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))
+                texts[i] = tokenizer.decode(ids[:cut])
         labelled = {k: v.to(model.device) for k, v in collator(batch).items()}
         logits = model(**{k: v for k, v in labelled.items() if k != "labels"}).logits
         labels = labelled["labels"][:, 1:]
@@ -84,14 +108,16 @@ def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_token
         loss_tokens += int(answer.sum())
         tokens_right += int((answer_logits.argmax(-1) == answer_labels).sum())
         for offset, (row, text) in enumerate(zip(batch, texts)):
-            target = _answer(row["messages"][-1])
+            think = bool(row["messages"][-1].get("reasoning_content"))
+            target = _target(processor, conversations[offset], row_tools(row), think)
             predictions.append(
                 {
                     "index": start + offset,
                     "prompt": _answer(row["messages"][-2]) if len(row["messages"]) > 1 else "",
                     "target": target,
                     "prediction": text.strip(),
-                    "correct": normalize(text) == normalize(target),
+                    # The answer is graded, not the reasoning before it.
+                    "correct": normalize(THINK.sub("", text)) == normalize(THINK.sub("", target)),
                 }
             )
     correct = sum(p["correct"] for p in predictions)
