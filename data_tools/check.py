@@ -44,7 +44,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlm_peft.data.rows import WHERE, normalize_row
+from vlm_peft.data.rows import MESSAGES, WHERE, normalize_row
 
 from .check_report import KINDS, Problem, Report
 from .check_rows import RowChecker, Unparsable
@@ -237,13 +237,6 @@ def check_dataset(
 
 # --- writing a cleaned dataset -------------------------------------------------------------
 
-_MESSAGES = datasets.List(
-    {
-        "role": datasets.Value("string"),
-        "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")}),
-    }
-)
-
 
 def fix(
     path: str | os.PathLike[str],
@@ -291,7 +284,7 @@ def fix(
             row["images"] = [
                 {"bytes": None, "path": r} if isinstance(r, str) else _image_dict(r) for r in row["images"]
             ]
-    features = datasets.Features({"messages": _MESSAGES, "images": images})
+    features = datasets.Features({"messages": MESSAGES, "images": images, "tools": datasets.Value("string")})
     table = datasets.Dataset.from_list(kept, features=features)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     if out.suffix == ".parquet":

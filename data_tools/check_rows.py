@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vlm_peft.data.rows import _parts, normalize_row
+from vlm_peft.data.rows import _parts, normalize_row, row_tools
 
 from .check_report import Problem
 
@@ -223,8 +223,8 @@ class RowChecker:
 
     # rows
 
-    def _row(self, index: int, where: str, raw: Any) -> tuple[list[Problem], list[dict[str, Any]] | None]:
-        """Problems of one row, and its canonical messages when they can be rendered for the length check."""
+    def _row(self, index: int, where: str, raw: Any) -> tuple[list[Problem], tuple[list[dict[str, Any]], Any] | None]:
+        """Problems of one row, and its canonical (messages, tools) when they can be rendered for the length check."""
         problems: list[Problem] = []
 
         def add(kind: str, detail: str) -> None:
@@ -238,10 +238,10 @@ class RowChecker:
                 "bad_row", f"the row is a {type(raw).__name__}, not an object {{messages, images}}; {_FIXES['bad_row']}"
             )
             return problems, None
-        renderable = True
+        renderable, tools = True, None
         try:
             row = normalize_row(raw, where)
-            messages, images = row["messages"], row["images"]
+            messages, images, tools = row["messages"], row["images"], row_tools(row)
         except (ValueError, TypeError, AttributeError, KeyError) as err:
             message = str(err)
             if message.startswith(f"{where}: "):
@@ -268,7 +268,7 @@ class RowChecker:
                 f"messages[{n - 1}] is a {last['role']!r} turn, not the assistant's answer; end the row "
                 "with the answer or drop it",
             )
-        elif not _text(last).strip():
+        elif not _text(last).strip() and not last.get("tool_calls"):
             add(
                 "no_answer", f"messages[{n - 1}] (the assistant's answer) has no text; write the answer or drop the row"
             )
@@ -276,20 +276,17 @@ class RowChecker:
             label, findings = self._image_findings(ref)
             for kind, detail in findings:
                 add(kind, f"images[{j}] {label}: {detail}" if label else f"images[{j}] {detail}")
-        return problems, messages if renderable else None
+        return problems, (messages, tools) if renderable else None
 
-    def _lengths(self, conversations: list[list[dict[str, Any]]]) -> list[tuple[int, int, int] | str]:
-        """Per conversation (tokens, end of the last image run, start of the last turn), or why it fails."""
+    def _lengths(self, conversations: list[tuple[list[dict[str, Any]], Any]]) -> list[tuple[int, int, int] | str]:
+        """Per (messages, tools) (tokens, end of the last image run, start of the last turn), or why it fails."""
         processor = self.processor
-        try:
-            texts = processor.apply_chat_template(conversations, tokenize=False)
-        except Exception:  # noqa: BLE001 - find the row(s) that fail
-            texts = []
-            for conversation in conversations:
-                try:
-                    texts.append(processor.apply_chat_template(conversation, tokenize=False))
-                except Exception as err:  # noqa: BLE001
-                    texts.append(err)
+        texts: list[str | Exception] = []
+        for messages, tools in conversations:  # one by one: each row has its own tools
+            try:
+                texts.append(processor.apply_chat_template(messages, tools=tools, tokenize=False))
+            except Exception as err:  # noqa: BLE001 - reported as the row's problem
+                texts.append(err)
         ok = [t for t in texts if isinstance(t, str)]
         encoded = iter(processor.tokenizer(ok, add_special_tokens=False)["input_ids"] if ok else [])
         # An image run ends with <|vision_end|>, as training's fit_to_length measures it.

@@ -48,7 +48,7 @@ import pyarrow as pa
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
 
-from vlm_peft.data.rows import normalize_row
+from vlm_peft.data.rows import MESSAGES, WHERE, normalize_row
 
 from .formats import CONVERTERS, FORMATS
 from .formats.captions import load_prompts
@@ -67,13 +67,9 @@ MAX_LOGGED_REJECTS = 20
 # `load_rows` casts the column to `Image(decode=False)` when it reads the output.
 FEATURES = datasets.Features(
     {
-        "messages": datasets.List(
-            {
-                "role": datasets.Value("string"),
-                "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")}),
-            }
-        ),
+        "messages": MESSAGES,
         "images": datasets.List({"bytes": datasets.Value("binary"), "path": datasets.Value("string")}),
+        "tools": datasets.Value("string"),
     }
 )
 SCHEMA = FEATURES.arrow_schema
@@ -103,11 +99,11 @@ def _convert_chunk(args: tuple[Context, list[tuple[int, str, Any]]]) -> tuple[pa
                     raise Reject("bad_json", f"not valid JSON: {err}") from None
             if not isinstance(raw, dict):
                 raise Reject("bad_row", f"a row must be an object, got {type(raw).__name__}.")
-            row = convert_row(raw, index, ctx)
-            try:
-                normalize_row(row, where)  # the canonical reader's own check: the output must load
+            try:  # the canonical reader's own check and form (tool calls, tools as JSON): the output must load
+                row = normalize_row(convert_row(raw, index, ctx), where)
             except ValueError as err:
                 raise Reject("invalid", str(err)) from None
+            row.pop(WHERE)
             rows.append(row)
         except Reject as err:
             rejects.append({"where": where, "reason": err.reason, "message": str(err), "row": _json_safe(raw)})

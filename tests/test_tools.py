@@ -162,3 +162,63 @@ def load_rows_from(rows: list[dict]):
     import datasets
 
     return datasets.Dataset.from_list([normalize_row(r, f"row {i}") for i, r in enumerate(rows)])
+
+
+OPENAI_ROW = {
+    "tools": TOOLS,
+    "messages": [
+        {"role": "user", "content": "What colour is it? Zoom in first."},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "zoom", "arguments": '{"x": 1}'}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+        {"role": "assistant", "content": "It is red.", "reasoning_content": "looked"},
+    ],
+}
+SHAREGPT_ROW = {
+    "tools": json.dumps(TOOLS),
+    "conversations": [
+        {"from": "human", "value": "What colour is it? Zoom in first."},
+        {"from": "function_call", "value": '{"name": "zoom", "arguments": {"x": 1}}'},
+        {"from": "observation", "value": "done"},
+        {"from": "gpt", "value": "It is red."},
+    ],
+}
+
+
+@pytest.mark.parametrize("source", ["openai", "sharegpt"])
+def test_converters_keep_tool_use(tmp_path, processor, source):
+    from data_tools.check import check_dataset
+    from data_tools.convert import convert
+
+    raw = OPENAI_ROW if source == "openai" else SHAREGPT_ROW
+    path = tmp_path / f"{source}.jsonl"
+    path.write_text(json.dumps(raw) + "\n" + json.dumps(PLAIN_ROW) + "\n")
+    counts = convert(path, tmp_path / "out.parquet", fmt="messages")
+    assert counts["rows"] == 2 and counts["skipped"] == 0
+    rows = load_rows(tmp_path / "out.parquet")
+    expected = dict(TOOL_ROW)
+    if source == "sharegpt":  # ShareGPT has no reasoning field
+        expected["messages"] = [*TOOL_ROW["messages"][:3], {"role": "assistant", "content": "It is red."}]
+    text = processor.tokenizer.decode(VLMCollator(processor)([rows[0]])["input_ids"][0])
+    assert text == qwen3_render(processor.tokenizer, expected)
+    assert check_dataset(tmp_path / "out.parquet", processor=processor, max_length=4096, progress=False).clean
+
+
+def test_check_accepts_a_tool_call_as_the_last_turn_and_fix_keeps_tools(tmp_path, processor):
+    from data_tools.check import check_dataset, fix
+
+    call_last = {"tools": TOOLS, "messages": TOOL_ROW["messages"][:2]}
+    empty = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (call_last, empty, TOOL_ROW)) + "\n")
+    report = check_dataset(path, processor=processor, max_length=4096, progress=False)
+    assert [(p.index, p.kind) for p in report.problems] == [(1, "no_answer")]
+    fix(path, tmp_path / "clean.parquet", report)
+    clean = load_rows(tmp_path / "clean.parquet")
+    assert len(clean) == 2
+    for row, source in zip(clean, (call_last, TOOL_ROW)):
+        text = processor.tokenizer.decode(VLMCollator(processor)([row])["input_ids"][0])
+        assert text == qwen3_render(processor.tokenizer, source)

@@ -17,7 +17,15 @@ from vlm_peft.data.rows import ROLES
 MARKER = "<image>"
 IMAGE_KEYS = ("image", "file_name", "filename", "file", "path", "image_path", "img")
 CAPTION_KEYS = ("caption", "text", "caption_text", "description")
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", **{r: r for r in ROLES}}
+# ShareGPT's `function_call` turns are assistant tool calls, `observation` (and OpenAI's legacy `function`) results.
+ROLE_ALIASES = {
+    "human": "user",
+    "gpt": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "function": "tool",
+    **{r: r for r in ROLES},
+}
 
 
 class Reject(Exception):
@@ -111,7 +119,9 @@ def role_of(value: Any, i: int) -> str:
     return role
 
 
-def finish(messages: list[dict[str, Any]], images: list[dict[str, Any]], slots_from: str) -> dict[str, Any]:
+def finish(
+    messages: list[dict[str, Any]], images: list[dict[str, Any]], slots_from: str, tools: Any = None
+) -> dict[str, Any]:
     if not messages:
         raise Reject("bad_row", "no messages.")
     slots = sum(p["type"] == "image" for m in messages for p in m["content"])
@@ -119,7 +129,32 @@ def finish(messages: list[dict[str, Any]], images: list[dict[str, Any]], slots_f
         raise Reject("image_count_mismatch", f"{slots} {slots_from} but {len(images)} image(s).")
     if messages[-1]["role"] != "assistant":
         raise Reject("no_answer", f"the last turn is the {messages[-1]['role']}'s, not the assistant's answer.")
-    return {"messages": messages, "images": images}
+    return {"messages": messages, "images": images, "tools": tools}
+
+
+def sharegpt_calls(text: str, i: int) -> list[dict[str, Any]]:
+    """A ShareGPT `function_call` turn's value: one `{"name", "arguments"}` object, or a list of them."""
+    try:
+        calls = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise Reject("bad_tool_call", f"turn {i}: a function_call value must be JSON: {err}") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise Reject("bad_tool_call", f"turn {i}: a function_call needs {{'name': …, 'arguments': …}}.")
+    return calls
+
+
+def assistant_extras(turn: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-style assistant turn's `tool_calls` (or legacy `function_call`) and `reasoning_content`."""
+    extras = {}
+    calls = turn.get("tool_calls")
+    if calls is None and isinstance(turn.get("function_call"), dict):
+        calls = [turn["function_call"]]
+    if calls:
+        extras["tool_calls"] = calls
+    if turn.get("reasoning_content") is not None:
+        extras["reasoning_content"] = turn["reasoning_content"]
+    return extras
 
 
 def turns_of(row: dict[str, Any], key: str) -> list[Any]:

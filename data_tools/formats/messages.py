@@ -1,12 +1,25 @@
 """OpenAI-style `messages`: string content with `<image>` markers, or part lists with image parts that
-name the next entry of `images` or carry the image inline (path, `file://` or `data:` URL)."""
+name the next entry of `images` or carry the image inline (path, `file://` or `data:` URL). Assistant
+`tool_calls` (or the legacy `function_call`), `reasoning_content`, `tool` results and a row-level `tools`
+list are kept."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from . import llava
-from .common import Context, Reject, as_list, as_text, finish, image_ref, role_of, split_markers, turns_of
+from .common import (
+    Context,
+    Reject,
+    as_list,
+    as_text,
+    assistant_extras,
+    finish,
+    image_ref,
+    role_of,
+    split_markers,
+    turns_of,
+)
 
 
 def _inline_image(part: dict[str, Any]) -> Any:
@@ -52,7 +65,7 @@ def convert_row(row: dict[str, Any], index: int, ctx: Context) -> dict[str, Any]
                     raise Reject("bad_part", f"turn {i}: content part {str(part)[:80]} is not text or an image.")
         else:
             raise Reject("bad_row", f"turn {i}: content must be a string or a list of parts.")
-        messages.append({"role": role, "content": parts})
+        messages.append({"role": role, "content": parts, **(assistant_extras(turn) if role == "assistant" else {})})
     if bare != len(pool):
         raise Reject("image_count_mismatch", f"{bare} image slot(s) without an inline image but {len(pool)} image(s).")
-    return finish(messages, [image_ref(v, ctx) for v in images], "image parts")
+    return finish(messages, [image_ref(v, ctx) for v in images], "image parts", tools=row.get("tools"))

@@ -32,6 +32,20 @@ logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 # Column naming each row's origin (file and line), so that errors during training can say where.
 WHERE = "__where__"
+# The Arrow type of canonical `messages`, for writers that fix the schema up front.
+MESSAGES = datasets.List(
+    {
+        "role": datasets.Value("string"),
+        "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")}),
+        "tool_calls": datasets.List(
+            {
+                "type": datasets.Value("string"),
+                "function": {"name": datasets.Value("string"), "arguments": datasets.Value("string")},
+            }
+        ),
+        "reasoning_content": datasets.Value("string"),
+    }
+)
 
 
 def _parts(content: Any, where: str) -> list[dict[str, Any]]:
