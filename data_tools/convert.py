@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 2000  # rows per conversion chunk (and per worker task with num_proc)
 MAX_LOGGED_REJECTS = 20
+MISSING_SAMPLE_ROWS = 200  # rows whose image paths are looked for on disk after converting
 
 # Images are a plain {bytes, path} struct, not a `datasets.Image` feature: `save_to_disk` embeds the files of
 # Image columns (reading relative paths from the current dir), and path references must stay references.
@@ -165,6 +166,8 @@ def convert(
     elif fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; one of {('auto', *FORMATS)}.")
     _check_output(source, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_root_given = image_root is not None
     if image_root is None:
         image_root = source if source.is_dir() else source.parent
     ctx = Context(
@@ -222,6 +225,7 @@ def convert(
     if not n_rows:
         raise ValueError(f"{source}: no row converted as {fmt} ({counts}).")
     table = pa.concat_tables(tables)
+    _warn_missing_images(table, out.parent, ctx.image_root, image_root_given)
     dataset = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=FEATURES))
     _write(dataset, out)
     elapsed = time.perf_counter() - start
@@ -231,6 +235,23 @@ def convert(
         (n_rows + skipped) / max(elapsed, 1e-9),
     )  # fmt: skip
     return counts
+
+
+def _warn_missing_images(table: pa.Table, out_root: Path, image_root: str, given: bool) -> None:
+    """Look for a sample of the referenced image files now: a wrong image root otherwise shows only
+    later, as every row failing `check` (or training) with a missing image."""
+    paths = []
+    for images in table.column("images").to_pylist()[:MISSING_SAMPLE_ROWS]:
+        paths += [ref["path"] for ref in images or [] if not ref.get("bytes") and ref.get("path")]
+    missing = [p for p in paths if not (out_root / p).exists()]  # relative paths are relative to the output
+    if missing:
+        hint = "check --image-root" if given else "pass --image-root DIR (the folder the source's image names are in)"
+        log.warning(
+            "WARNING: %d of %d image paths sampled from the first %d rows do not exist (e.g. %s); relative image "
+            "names were resolved under %s: %s.",
+            len(missing), len(paths), min(MISSING_SAMPLE_ROWS, table.num_rows), out_root / missing[0], image_root,
+            hint,
+        )  # fmt: skip
 
 
 def _write(dataset: datasets.Dataset, out: Path) -> None:

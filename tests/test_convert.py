@@ -451,3 +451,32 @@ def test_cli_main(tmp_path, caplog):
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     assert main([str(src), str(tmp_path / "busy")]) == 1  # never overwrites a dir that is not a saved dataset
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_convert_into_a_folder_that_does_not_exist(tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    src = tmp_path / "llava.json"
+    src.write_text(json.dumps([{"image": "a.png", "conversations": LLAVA[0]["conversations"]}]))
+    out = tmp_path / "new" / "deeper" / "train.parquet"
+    assert convert(src, out)["rows"] == 1
+    assert load_rows(out)[0]["images"] == [{"bytes": None, "path": str(tmp_path / "a.png")}]
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_convert_warns_when_image_paths_do_not_exist(tmp_path, caplog, given):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(png())
+    src = tmp_path / "data" / "llava.json"
+    rows = [{"image": name, "conversations": LLAVA[0]["conversations"]} for name in ("a.png", "b.png")]
+    src.write_text(json.dumps(rows))
+    with caplog.at_level(logging.WARNING, logger="data_tools.convert"):
+        convert(src, tmp_path / "out.parquet", image_root=tmp_path / "data" if given else None)
+    warning = [r.getMessage() for r in caplog.records if "do not exist" in r.getMessage()]
+    assert len(warning) == 1 and "2 of 2 image paths" in warning[0]
+    assert ("check --image-root" if given else "pass --image-root") in warning[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_tools.convert"):
+        convert(src, tmp_path / "out.parquet", image_root=tmp_path / "images")
+    warning = [r.getMessage() for r in caplog.records if "do not exist" in r.getMessage()]
+    assert len(warning) == 1 and "1 of 2 image paths" in warning[0] and "b.png" in warning[0]

@@ -101,19 +101,30 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data(args: argparse.Namespace) -> int:
-    if args.tool == "cache-features":
-        from .training.recipe import load_recipe
-        from .training.stages import cache_stage_features
+# Tools with their own argument parsers: `vlm-peft data TOOL ARGS…` hands ARGS (--help included) to them.
+PASSTHROUGH = {
+    "convert": "convert MiniMind-V / LLaVA / ShareGPT / OpenAI / caption data to the canonical format",
+    "check": "validate a canonical dataset (images, structure, roles, lengths)",
+    "synth": "write the synthetic shapes dataset",
+    "tokenizer": "train a tiny byte-level BPE (Qwen3's special tokens) on the texts of datasets",
+}
 
-        recipe = load_recipe(args.recipe, args.set or [])
-        counts = cache_stage_features(recipe, args.stage, args.out, args.batch_size, args.dtype)
-        print(", ".join(f"{k}: {v}" for k, v in counts.items()))
-        return 0
+
+def _cache_features(args: argparse.Namespace) -> int:
+    from .training.recipe import load_recipe
+    from .training.stages import cache_stage_features
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    counts = cache_stage_features(recipe, args.stage, args.out, args.batch_size, args.dtype)
+    print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 0
+
+
+def _passthrough(tool: str, rest: list[str]) -> int:
     import importlib
 
-    module = importlib.import_module(f"data_tools.{args.tool}")
-    return module.main(args.rest) or 0
+    module = importlib.import_module(f"data_tools.{tool}")
+    return module.main(rest) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,15 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", help="e.g. cuda; default: CPU")
     c.set_defaults(func=_chat)
 
-    d = sub.add_parser("data", help="dataset tools: convert, check, synth, cache-features")
+    d = sub.add_parser("data", help="dataset tools: " + ", ".join([*PASSTHROUGH, "cache-features"]))
     tools = d.add_subparsers(dest="tool", required=True)
-    for name, text in (
-        ("convert", "convert MiniMind-V / LLaVA / ShareGPT / caption data to the canonical format"),
-        ("check", "validate a canonical dataset (images, structure, lengths)"),
-        ("synth", "write the synthetic shapes dataset"),
-    ):
-        tool = tools.add_parser(name, help=text, add_help=False)
-        tool.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, text in PASSTHROUGH.items():  # listed for --help; main() hands their arguments over
+        tools.add_parser(name, help=text, add_help=False)
     cf = tools.add_parser("cache-features", help="encode a stage's images once with the frozen tower")
     cf.add_argument("recipe")
     cf.add_argument("--stage", required=True)
@@ -184,11 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--set", action="append", metavar="KEY=VALUE")
     cf.add_argument("--batch-size", type=int, default=32)
     cf.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    d.set_defaults(func=_data)
+    cf.set_defaults(func=_cache_features)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags = 0
+    while flags < len(argv) and argv[flags] in ("-v", "--verbose"):
+        flags += 1
+    command = argv[flags : flags + 2]
+    if len(command) == 2 and command[0] == "data" and command[1] in PASSTHROUGH:
+        level = logging.DEBUG if flags else logging.INFO
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        return _passthrough(command[1], argv[flags + 2 :])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
