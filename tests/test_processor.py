@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from PIL import Image
@@ -227,3 +229,15 @@ def test_generation_prompt_tokens_are_a_prefix_of_the_training_tokens(processor)
     prompt = processor(text=processor.apply_chat_template(conv[:1], add_generation_prompt=True), images=image)
     prompt = prompt["input_ids"][0]
     assert full[: len(prompt)] == prompt.tolist()
+
+
+def test_saved_processor_forgets_the_last_calls_truncation(processor, tmp_path):
+    # A fast tokenizer keeps the last call's truncation in tokenizer.json; reloaded, it would default to it.
+    processor(text=processor.apply_chat_template(user_turn("What is this?")), images=[make_image((1, 2, 3))],
+              truncation=True, max_length=64)  # fmt: skip
+    processor.save_pretrained(tmp_path)
+    again = VLMProcessor.from_pretrained(tmp_path)
+    assert "max_length" not in again.tokenizer.init_kwargs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again(text=[processor.apply_chat_template(user_turn("Hi", images=0))] * 2, padding=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,88 @@ def test_qwen3_recipe_runs_a_step_at_real_width(tmp_path, shapes):
     # LoRA r=16 on q/k/v/o/gate/up/down: 360,448 per layer (10,092,544 for all 28).
     assert results["sft"]["projector"] == 26_186_752 and results["sft"]["lora"] == 2 * 360_448
     assert all(m["steps"] == 1 and torch.isfinite(torch.tensor(m["train_loss"])) for m in results.values())
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("llm.tokenizer={tmp}/nope/tok", "llm.tokenizer: {tmp}/nope/tok does not exist"),
+        ("vision.image_processor=./missing-processor", "vision.image_processor: ./missing-processor does not exist"),
+        ("stages.sft.data.image_root={tmp}/no-images", "stages.sft.data.image_root: {tmp}/no-images is not a folder"),
+        ("stages.align.data.features={tmp}/no-cache", "stages.align.data.features: {tmp}/no-cache does not exist"),
+    ],
+)
+def test_missing_recipe_paths_are_recipe_errors_before_any_model(tmp_path, shapes, override, key):
+    recipe = demo(tmp_path, shapes, override.format(tmp=tmp_path))
+    with pytest.raises(RecipeError, match=re.escape(key.format(tmp=tmp_path))):
+        train(recipe)
+    assert not (tmp_path / "run" / "base").exists()
+
+
+def test_hub_ids_are_not_taken_for_missing_paths():
+    from vlm_peft.training.stages import is_hub_id
+
+    assert is_hub_id("Qwen/Qwen3-0.6B") and is_hub_id("gpt2") and is_hub_id("openai/clip-vit-base-patch16")
+    assert not any(map(is_hub_id, ["runs/a/tok", "/abs/tok", "./tok", "../tok", "~/tok", "a/../b"]))
+
+
+NOISE = ("is_gradient_checkpointing", "pin_memory", "`max_length` is ignored")
+
+
+def test_cli_train_writes_curves_counts_once_hints_the_stages_question_and_stays_quiet(
+    tmp_path, shapes, capsys, caplog
+):
+    import shlex
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    sets = [
+        f"output_dir={tmp_path / 'run'}",
+        f"llm.tokenizer={shapes / 'tokenizer'}",
+        *(f"stages.{s}.data.{x}={shapes / f'{s}_{x}.jsonl'}" for s in ("align", "sft") for x in ("train", "eval")),
+        "stages.align.args.max_steps=3",
+        "stages.sft.args.max_steps=4",
+        "stages.align.args.logging_steps=1",
+        "stages.sft.args.logging_steps=1",
+        "stages.sft.args.eval_strategy=steps",
+        "stages.sft.args.eval_steps=2",
+        "stages.sft.args.report_to=[tensorboard]",
+        "stages.align.eval.max_samples=4",
+        "stages.sft.eval.max_samples=4",
+    ]
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "recipes/demo.yaml", *(a for s in sets for a in ("--set", s))]) == 0
+        run = tmp_path / "run"
+        assert main(["eval", str(run / "sft"), "--data", str(shapes / "sft_eval.jsonl"), "--max-samples", "4"]) == 0
+    noisy = [str(w.message) for w in caught if any(n in str(w.message) for n in NOISE)]
+    assert not noisy, noisy
+    out = capsys.readouterr().out
+
+    # 8. the chat hint asks the stage's own first held-out question
+    first = json.loads((shapes / "sft_eval.jsonl").read_text().splitlines()[0])
+    question = first["messages"][0]["content"][-1]["text"]
+    assert f"--prompt {shlex.quote(question)}" in out and "Describe the image" not in out
+
+    # 11. loss curves: a PNG and a CSV per stage (eval loss where the trainer evaluated), TensorBoard events
+    for stage in ("align", "sft"):
+        assert (run / stage / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        lines = (run / stage / "loss.csv").read_text().splitlines()
+        assert lines[0] == "step,loss,eval_loss,learning_rate" and len(lines) == 1 + (3 if stage == "align" else 4)
+    sft_csv = (run / "sft" / "loss.csv").read_text().splitlines()
+    assert [bool(line.split(",")[2]) for line in sft_csv[1:]] == [False, True, False, True]
+    assert f"sft: {run / 'sft' / 'loss.png'}" in out
+    assert list((run / "sft").rglob("events.out.tfevents*"))
+
+    # 10. each parameter counted once, and the total says what it holds
+    metrics = {s: json.loads((run / s / "metrics.json").read_text()) for s in ("align", "sft")}
+    llm = AutoModelForCausalLM.from_pretrained(run / "base").num_parameters()
+    for m in metrics.values():
+        assert m["llm"] == llm
+        assert m["total"] == m["llm"] + m["projector_total"] + m["lora_total"] + m["vision"]
+    assert metrics["align"]["projector"] == metrics["align"]["projector_total"] == metrics["sft"]["projector_total"]
+    assert metrics["sft"]["lora"] == metrics["sft"]["lora_total"] > 0
+    sft = metrics["sft"]
+    assert f"all {sft['total']:,} parameters: LLM {llm:,} (frozen), projector {sft['projector_total']:,}" in caplog.text

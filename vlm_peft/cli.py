@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,13 +35,30 @@ def _train(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    curves = [f"{name}: {m['loss_curve']}" for name, m in results.items() if m.get("loss_curve")]
+    if curves:
+        print("loss curves: " + ", ".join(curves))
     last = recipe.stage_dir(list(results)[-1]) if results else None
     if last is not None:
-        print(f"\nadapter: {last}\n  chat:     vlm-peft chat {last} --image IMAGE --prompt 'Describe the image.'")
+        prompt = shlex.quote(_example_prompt(recipe.stage(list(results)[-1])))
+        print(f"\nadapter: {last}\n  chat:     vlm-peft chat {last} --image IMAGE --prompt {prompt}")
         print(f"  evaluate: vlm-peft eval {last} --data DATA.jsonl")
         print(f"  merge:    vlm-peft merge {last} {last}-merged")
         print(f"  in Python: model, processor = vlm_peft.load('{last}'); model.generate(**processor(...))")
     return 0
+
+
+def _example_prompt(spec) -> str:
+    """The stage's own first held-out question (its last user text), for the hints after training."""
+    from .data.rows import load_rows
+
+    try:
+        row = load_rows(spec.data.eval or spec.data.train).select(range(1))[0]
+        users = [m for m in row["messages"][:-1] if m["role"] == "user"]
+        text = " ".join(p["text"] for p in users[-1]["content"] if p["type"] == "text").strip()
+    except (ValueError, OSError, IndexError):
+        text = ""
+    return text or "QUESTION"
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -64,6 +64,16 @@ class VLMProcessor(ProcessorMixin):
             tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or QWEN3_VL_TEMPLATE)
 
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """As transformers saves it, without the truncation and padding that the last call left on
+        the fast tokenizer: tokenizer.json would keep them, and the loaded tokenizer would then
+        default to that call's max_length."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_truncation()
+            backend.no_padding()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @property
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)

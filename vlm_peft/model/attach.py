@@ -20,6 +20,7 @@ from .checkpoint import (
 )
 from .config import VLMConfig
 from .hooks import PROJECTOR_ATTR, STATE_ATTR, VLMState, get_state, install, uninstall
+from .lora import peft_wrapping
 from .projector import CrossAttentionProjector, build_projector
 from .vision import VisionTower, load_vision_tower, vision_config_dict
 
@@ -112,7 +113,8 @@ def attach(
         return llm
     model: nn.Module = llm
     try:
-        model = PeftModel.from_pretrained(llm, directory, is_trainable=is_trainable)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(llm, directory, is_trainable=is_trainable)
         if not projector_matches_file(active_projector(llm), directory / PROJECTOR_FILE):
             raise ValueError(
                 f"{directory}: the projector PEFT restored from adapter_model.safetensors differs from "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -11,6 +14,16 @@ from .hooks import PROJECTOR_ATTR, get_state
 
 # Full-match regex over module names: the decoder's attention and MLP projections only.
 DECODER_TARGETS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT's wrapping of a model: PEFT 0.21 reads `model.is_gradient_checkpointing`, a
+    property transformers 5 deprecated, so every wrap would print a FutureWarning that no argument
+    avoids. Only that message is silenced, only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def lora_config(
@@ -48,4 +61,5 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, **kwargs: Any) 
         )
     # PEFT never injects adapters into modules_to_save, so even "all-linear" leaves the projector
     # whole; the vision tower is outside the module tree and out of reach too.
-    return get_peft_model(model, config)
+    with peft_wrapping():
+        return get_peft_model(model, config)

@@ -143,9 +143,19 @@ def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Pa
 
 
 def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
-    counts = {"projector": 0, "lora": 0, "total": 0}
+    """Each parameter once: PEFT's frozen `original_module` copy of the projector is left out, the
+    vision tower (outside the module tree) is counted apart. `total` = LLM + projector + LoRA + tower."""
+    counts = {"projector": 0, "lora": 0, "llm": 0, "projector_total": 0, "lora_total": 0}
     for name, param in model.named_parameters():
-        counts["total"] += param.numel()
+        if "original_module" in name:
+            continue
+        role = "lora" if "lora_" in name else "projector" if PROJECTOR_ATTR in name else "llm"
+        if role != "llm":
+            counts[f"{role}_total"] += param.numel()
         if param.requires_grad:
-            counts["lora" if "lora_" in name else "projector"] += param.numel()
+            counts["lora" if role == "lora" else "projector"] += param.numel()
+        elif role == "llm":
+            counts["llm"] += param.numel()
+    counts["vision"] = sum(p.numel() for p in get_state(unwrap(model)).vision.parameters())
+    counts["total"] = counts["llm"] + counts["projector_total"] + counts["lora_total"] + counts["vision"]
     return counts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,42 @@ from .build import (
     prepare_vision,
     trainable_counts,
 )
+from .curves import write_loss_curve
 from .evaluate import evaluate, format_summary
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
 
 logger = logging.getLogger(__name__)
+
+
+def check_paths(recipe: Recipe, stages: list[StageSpec], features: bool = True) -> None:
+    """Every path the run reads, checked before any model is built: a recipe error naming the key."""
+    models = {
+        "llm.name_or_path": recipe.llm.name_or_path,
+        "llm.tokenizer": recipe.llm.tokenizer,
+        "vision.name_or_path": recipe.vision.name_or_path,
+        "vision.image_processor": recipe.vision.image_processor,
+    }
+    for key, value in models.items():
+        if value is not None and not Path(value).expanduser().exists() and not is_hub_id(value):
+            raise RecipeError(f"{key}: {value} does not exist (and is not a hub id like Qwen/Qwen3-0.6B).")
+    for spec in stages:
+        where = f"stages.{spec.name}.data"
+        for split in ("train", "eval"):
+            path = getattr(spec.data, split)
+            if path is not None and not Path(path).exists():
+                raise RecipeError(f"{where}.{split}: {path} not found.")
+        if spec.data.image_root is not None and not Path(spec.data.image_root).is_dir():
+            raise RecipeError(f"{where}.image_root: {spec.data.image_root} is not a folder.")
+        if features and spec.data.features is not None and not Path(spec.data.features).is_dir():
+            raise RecipeError(
+                f"{where}.features: {spec.data.features} does not exist; build it with "
+                f"`vlm-peft data cache-features RECIPE --stage {spec.name}`, or remove the key to encode images."
+            )
+
+
+def is_hub_id(value: str) -> bool:
+    """`name` or `org/name` as the hub spells repo ids; anything else is meant as a local path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", value) is not None and ".." not in value
 
 
 def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
@@ -42,6 +75,8 @@ def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
         "seed": recipe.seed,
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "activation_checkpointing": torch.cuda.is_available(),
+        # Pinned memory only helps copies to a GPU; without one torch warns for every dataloader.
+        "dataloader_pin_memory": torch.cuda.is_available(),
         "report_to": "none",
         "logging_steps": 10,
         "save_strategy": "steps",
@@ -74,6 +109,7 @@ def cache_stage_features(
     if out is None:
         raise RecipeError(f"stages.{stage}.data.features: set it (or pass --out) to say where the cache goes.")
     recipe.output_dir = str(Path(recipe.output_dir).resolve())
+    check_paths(recipe, [spec], features=False)
     vision_dir = prepare_vision(recipe)
     processor = build_processor(recipe, load_tokenizer(recipe), vision_dir)
     tower = load_vision_tower(new_vlm_config(recipe, vision_dir, processor))
@@ -117,13 +153,11 @@ def run_stage(
         features.check(get_state(unwrap(model)).vision, processor.image_processor)
     counts = trainable_counts(model)
     logger.info(
-        "stage %s: %d train rows, trainable projector %s + LoRA %s of %s parameters",
-        stage.name,
-        len(train_rows),
-        f"{counts['projector']:,}",
-        f"{counts['lora']:,}",
-        f"{counts['total']:,}",
-    )
+        "stage %s: %d train rows; trainable: projector %s + LoRA %s; all %s parameters: LLM %s (frozen), "
+        "projector %s, LoRA %s, vision tower %s (frozen)",
+        stage.name, len(train_rows), f"{counts['projector']:,}", f"{counts['lora']:,}", f"{counts['total']:,}",
+        f"{counts['llm']:,}", f"{counts['projector_total']:,}", f"{counts['lora_total']:,}", f"{counts['vision']:,}",
+    )  # fmt: skip
     trainer = _make_trainer(
         model,
         args,
@@ -161,6 +195,11 @@ def run_stage(
     metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps, **counts}
     if not trainer.is_world_process_zero():
         return metrics
+    history = trainer.state.log_history if done is None else _history(checkpoint)
+    curve = write_loss_curve(history, stage_dir, f"stage {stage.name}")
+    if curve is not None:
+        metrics["loss_curve"] = str(curve)
+        logger.info("stage %s: loss curve in %s", stage.name, curve)
     if eval_rows is not None:
         image_root_eval = stage.data.image_root or str(Path(stage.data.eval).parent)
         summary, predictions = evaluate(
@@ -178,6 +217,10 @@ def run_stage(
         logger.info("stage %s held-out:\n%s", stage.name, format_summary(summary))
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _history(checkpoint: str) -> list[dict[str, Any]]:
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("log_history", [])
 
 
 def _finished_checkpoint(checkpoint: str | None, max_steps: int) -> tuple[float | None, int] | None:
@@ -248,11 +291,7 @@ def train(
     # Saved configs name the base and the tower by path: make them work from any directory.
     recipe.output_dir = str(Path(recipe.output_dir).resolve())
     configs = {s.name: sft_config(recipe, s) for s in recipe.stages}
-    for spec in recipe.stages if stage is None else [recipe.stage(stage)]:
-        for split in ("train", "eval"):
-            path = getattr(spec.data, split)
-            if path is not None and not Path(path).exists():
-                raise RecipeError(f"stages.{spec.name}.data.{split}: {path} not found.")
+    check_paths(recipe, recipe.stages if stage is None else [recipe.stage(stage)])
     tokenizer = load_tokenizer(recipe)
     base = prepare_base(recipe, tokenizer)
     vision_dir = prepare_vision(recipe)
