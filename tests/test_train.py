@@ -332,3 +332,58 @@ def test_cli_train_writes_curves_counts_once_hints_the_stages_question_and_stays
     assert metrics["sft"]["lora"] == metrics["sft"]["lora_total"] > 0
     sft = metrics["sft"]
     assert f"all {sft['total']:,} parameters: LLM {llm:,} (frozen), projector {sft['projector_total']:,}" in caplog.text
+
+
+class DiedWritingCheckpoint(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shapes):
+    recipe = demo(tmp_path_factory.mktemp("whole"), shapes, *RESUME)
+    train(recipe)
+    return {name: load_file(recipe.stage_dir("sft") / name) for name in ("projector.safetensors",
+                                                                       "adapter_model.safetensors")}  # fmt: skip
+
+
+@pytest.mark.parametrize("point", ["adapter files", "optimizer", "rng state", "trainer_state.json"])
+def test_a_checkpoint_torn_at_any_write_resumes_from_the_one_before(tmp_path, shapes, uninterrupted, monkeypatch,
+                                                                     caplog, point):  # fmt: skip
+    from transformers import Trainer, TrainerState
+
+    from vlm_peft.training.trainer import VLMTrainer
+
+    def dies_at_step_6(original, where_arg):
+        def wrapped(*args, **kwargs):
+            target = str(args[where_arg] if len(args) > where_arg else kwargs.get("output_dir", ""))
+            if "checkpoint-6" not in target:
+                return original(*args, **kwargs)
+            if point == "trainer_state.json":  # half a file, as a kill in the middle of the write leaves it
+                Path(target).write_text('{"best_metric": null, "global_step": 6, "log_hist')
+            else:
+                original(*args, **kwargs)  # this part is written; the process dies right after
+            raise DiedWritingCheckpoint
+
+        return wrapped
+
+    patched = {
+        "adapter files": (VLMTrainer, "_save", 1),
+        "optimizer": (Trainer, "_save_optimizer_and_scheduler", 1),
+        "rng state": (Trainer, "_save_rng_state", 1),
+        "trainer_state.json": (TrainerState, "save_to_json", 1),
+    }[point]
+    cls, name, where_arg = patched
+    recipe = demo(tmp_path, shapes, *RESUME)
+    with monkeypatch.context() as m:
+        m.setattr(cls, name, dies_at_step_6(getattr(cls, name), where_arg))
+        with pytest.raises(DiedWritingCheckpoint):
+            train(recipe)
+    stage_dir = recipe.stage_dir("sft")
+    assert (stage_dir / "checkpoint-6").is_dir() and (stage_dir / "checkpoint-3" / "trainer_state.json").is_file()
+    with caplog.at_level(logging.WARNING):
+        train(recipe)
+    assert "checkpoint-6 is incomplete" in caplog.text and (stage_dir / "incomplete-checkpoint-6").is_dir()
+    for name, want in uninterrupted.items():
+        got = load_file(stage_dir / name)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)

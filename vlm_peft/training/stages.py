@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
 from ..data.collator import VLMCollator
@@ -36,6 +35,9 @@ from .evaluate import evaluate, format_summary
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
 
 logger = logging.getLogger(__name__)
+
+# transformers writes trainer_state.json after everything else of a checkpoint: with it, the rest is whole.
+CHECKPOINT_FILES = ("vlm_config.json", "projector.safetensors", "trainer_state.json")
 
 
 def check_paths(recipe: Recipe, stages: list[StageSpec], features: bool = True) -> None:
@@ -169,7 +171,7 @@ def run_stage(
         callbacks,
         features,
     )
-    checkpoint = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() and resume is not False else None
+    checkpoint = last_complete_checkpoint(stage_dir) if stage_dir.is_dir() and resume is not False else None
     if resume and checkpoint is None:
         logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
     _record_recipe(recipe, stage_dir, resuming=checkpoint is not None)
@@ -217,6 +219,36 @@ def run_stage(
         logger.info("stage %s held-out:\n%s", stage.name, format_summary(summary))
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def last_complete_checkpoint(stage_dir: Path) -> str | None:
+    """The newest checkpoint that was written to the end. transformers writes trainer_state.json
+    last, so a checkpoint torn by a kill or a full disk lacks it (or holds half of it); such a dir is
+    renamed `incomplete-checkpoint-N` (kept for a look, out of transformers' way) with a warning, and
+    the one before it is taken."""
+    found = []
+    for path in stage_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            missing.append("a complete trainer_state.json")
+        if not missing:
+            return str(path)
+        aside = path.with_name(f"incomplete-{path.name}")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "-")
+        path.rename(aside)
+        logger.warning(
+            "%s is incomplete (no %s: the run died while writing it); moved to %s, resuming from the checkpoint "
+            "before it",
+            path, ", ".join(missing), aside.name,
+        )  # fmt: skip
+    return None
 
 
 def _history(checkpoint: str) -> list[dict[str, Any]]:
