@@ -121,3 +121,58 @@ def test_stage1_adapter_without_lora_merges_and_attaches(llm, processor, vlm_cfg
     model, _ = load(stage1)
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs(processor)).logits, model(**inputs(processor)).logits)
+
+
+@pytest.mark.parametrize("where", ["adapter", "adapter/sub", ".", "base", "base/x"])
+def test_merge_refuses_to_write_over_its_own_sources(adapter, tmp_path, where):
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="cannot be, contain or lie inside the"):
+        merge(adapter, tmp_path / where, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _text_model_ok(path):
+    return AutoModelForCausalLM.from_pretrained(path) is not None and (path / "vlm_config.json").is_file()
+
+
+KILL_SCRIPT = """
+import os, shutil, sys
+from vlm_peft.serving import merge as m
+if sys.argv[3] == "two-renames":
+    m._exchange = lambda a, b: False
+    rename = m.Path.rename
+    def dying_rename(self, target):
+        result = rename(self, target)
+        if ".old-" in str(target):
+            os._exit(9)  # killed between the two renames
+        return result
+    m.Path.rename = dying_rename
+else:
+    rmtree = shutil.rmtree
+    def dying_rmtree(path, *a, **k):
+        if ".partial-" in str(path) and os.path.isdir(os.path.join(path, "vision")):
+            os._exit(9)  # killed right after the exchange, before the old model is removed
+        return rmtree(path, *a, **k)
+    m.shutil.rmtree = dying_rmtree
+m.merge(sys.argv[1], sys.argv[2], overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two-renames"])
+def test_merge_overwrite_killed_mid_swap_leaves_or_restores_a_complete_model(adapter, tmp_path, caplog, swap):
+    import subprocess
+    import sys
+
+    out = merge(adapter, tmp_path / "merged")
+    done = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(adapter), str(out), swap], timeout=300, check=False)
+    assert done.returncode == -9 or done.returncode == 9
+    stale = sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith(".merged."))
+    if swap == "exchange":
+        assert _text_model_ok(out) and stale == [".merged.partial"]  # OUT named a complete model throughout
+    else:
+        assert not out.exists() and stale == [".merged.old", ".merged.partial"]  # a kill between two renames
+    with caplog.at_level(logging.WARNING):
+        merge(adapter, out, overwrite=True)
+    assert _text_model_ok(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
+    assert ("restored it from" if swap == "two-renames" else "removed .merged.partial-") in caplog.text

@@ -3,15 +3,21 @@
 The Qwen3 part is written by `save_pretrained` without the projector's keys, so plain
 `AutoModelForCausalLM.from_pretrained(dir)` loads it as a text model with nothing unexpected;
 the projector, the VLM config, the vision tower (copied, or referenced) and the processor sit
-beside it. The dir is built under a temporary name and renamed at the end: a merge that fails
-or is killed never leaves a complete-looking dir.
+beside it. The dir is built under a temporary name (`.OUT.partial-PID`) and put in place at the
+end: a merge that fails or is killed never leaves a complete-looking dir, and with `overwrite` the
+old and new dirs are exchanged in one atomic rename, so OUT always names a complete model. Temporary
+dirs of a merge that died are cleaned up (an old model put aside is put back) by the next merge.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import errno
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -67,6 +73,61 @@ def _card(cfg: VLMConfig, adapter_dir: Path, recipe: dict[str, Any] | None, dtyp
     return "\n".join(lines) + "\n"
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(out: Path) -> None:
+    """Clean up after merges into `out` that died: put an old model put aside back when `out` is
+    missing, remove half-written and leftover temporary dirs."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)")
+    for path in sorted(out.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if not match or _alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not out.exists():
+            path.rename(out)
+            logger.warning("%s was missing after a merge that died; restored it from %s", out, path.name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.warning("removed %s, left by a merge into %s that died", path.name, out)
+
+
+def _refuse_overlap(out: Path, sources: dict[str, Path]) -> None:
+    target = out.resolve()
+    for what, source in sources.items():
+        source = source.resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise ValueError(
+                f"{out}: the merged dir cannot be, contain or lie inside the {what} it is made from ({source}); "
+                "write it somewhere else."
+            )
+
+
 def merge(
     adapter_dir: str | Path,
     out_dir: str | Path,
@@ -81,6 +142,15 @@ def merge(
     plus `vlm_config.json`, the projector, the vision tower (or a reference to it with
     `copy_vision=False`), the processor and a model card."""
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    sources = {"adapter dir": adapter_dir}
+    cfg_file = adapter_dir / "vlm_config.json"
+    if cfg_file.is_file():
+        named = VLMConfig.from_pretrained(adapter_dir)
+        for what, name in (("base model", base or named.base_model), ("vision tower", named.vision_model)):
+            if name and not name.startswith("./") and Path(name).exists():  # ./x lies in the adapter dir
+                sources[what] = Path(name)
+    _refuse_overlap(out, sources)
+    _recover(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
     if isinstance(dtype, str):
@@ -116,13 +186,15 @@ def merge(
             shutil.copy(adapter_dir / "recipe.yaml", tmp / "recipe.yaml")
             recipe = yaml.safe_load((adapter_dir / "recipe.yaml").read_text())
         (tmp / "README.md").write_text(_card(cfg, adapter_dir, recipe, next(llm.parameters()).dtype))
-        if out.exists():
+        if not out.exists():
+            tmp.rename(out)
+        elif _exchange(tmp, out):
+            shutil.rmtree(tmp)  # the old model, now under the temporary name
+        else:  # two renames; a merge dying between them is repaired by the next one (_recover)
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(trash)
             tmp.rename(out)
             shutil.rmtree(trash)
-        else:
-            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
