@@ -139,7 +139,7 @@ KILL_SCRIPT = """
 import os, shutil, sys
 from vlm_peft.serving import merge as m
 if sys.argv[3] == "two-renames":
-    m._exchange = lambda a, b: False
+    m.exchange = lambda a, b: False
     rename = m.Path.rename
     def dying_rename(self, target):
         result = rename(self, target)

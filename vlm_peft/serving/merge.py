@@ -11,10 +11,7 @@ dirs of a merge that died are cleaned up (an old model put aside is put back) by
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
-import errno
 import logging
 import os
 import re
@@ -27,6 +24,7 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import save_file
 
+from ..atomic import exchange, remove, stale_temporaries
 from ..model.checkpoint import PROJECTOR_FILE, VISION_DIR, active_projector, unwrap
 from ..model.config import VLMConfig
 from ..model.hooks import PROJECTOR_ATTR, get_state
@@ -73,47 +71,15 @@ def _card(cfg: VLMConfig, adapter_dir: Path, recipe: dict[str, Any] | None, dtyp
     return "\n".join(lines) + "\n"
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError, TypeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP, errno.EXDEV):
-        return False
-    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _recover(out: Path) -> None:
     """Clean up after merges into `out` that died: put an old model put aside back when `out` is
     missing, remove half-written and leftover temporary dirs."""
-    if not out.parent.is_dir():
-        return
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)")
-    for path in sorted(out.parent.iterdir()):
-        match = pattern.fullmatch(path.name)
-        if not match or _alive(int(match.group(2))):
-            continue
+    for path, match in stale_temporaries(out.parent, rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)"):
         if match.group(1) == "old" and not out.exists():
             path.rename(out)
             logger.warning("%s was missing after a merge that died; restored it from %s", out, path.name)
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            remove(path)
             logger.warning("removed %s, left by a merge into %s that died", path.name, out)
 
 
@@ -188,7 +154,7 @@ def merge(
         (tmp / "README.md").write_text(_card(cfg, adapter_dir, recipe, next(llm.parameters()).dtype))
         if not out.exists():
             tmp.rename(out)
-        elif _exchange(tmp, out):
+        elif exchange(tmp, out):
             shutil.rmtree(tmp)  # the old model, now under the temporary name
         else:  # two renames; a merge dying between them is repaired by the next one (_recover)
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
