@@ -15,7 +15,7 @@ Every row is checked, and every problem found is collected (a row can have sever
                       row, or a tool result that does not follow an assistant turn (or another tool result)
     too_long          with a processor and max_length: the rendered conversation, image runs expanded, is
                       longer than max_length; the detail says whether truncation would cut an image run
-                      (training drops such rows, see vlm_peft.data.fit_to_length) or only the answer
+                      (training drops such rows, see vlm_peft.data.rows.fit_to_length) or only the answer
 
     python -m data_tools.check data/train.jsonl --processor runs/adapter --max-length 2048 --fix data/clean.parquet
 
@@ -44,7 +44,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlm_peft.data.rows import MESSAGES, WHERE, normalize_row
+from vlm_peft.data.rows import MESSAGES, WHERE, check_tool_columns, normalize_row
 
 from .check_report import KINDS, Problem, Report
 from .check_rows import RowChecker, Unparsable
@@ -78,6 +78,7 @@ def _open_table(path: Path, fmt: str) -> datasets.Dataset:
         raise ValueError(f"{path}: holds a DatasetDict ({list(raw)}); point at one split's dir.")
     if "messages" not in raw.column_names:
         raise ValueError(f"{path}: no 'messages' column (columns: {raw.column_names}).")
+    check_tool_columns(raw.features, str(path))
     if "images" in raw.column_names:
         try:  # as load_rows does: datasets.Image columns as {"bytes", "path"}, never decoded here
             raw = raw.cast_column("images", datasets.List(datasets.Image(decode=False)))
@@ -248,7 +249,7 @@ def fix(
     """Write the dataset without the report's bad rows, in canonical form; returns (dropped, kept).
 
     `out` ending in .parquet gets a parquet file, anything else a `save_to_disk` dir; both load with
-    `vlm_peft.data.load_rows`. Relative image paths are rewritten to absolute ones when `out`'s folder
+    `vlm_peft.data.rows.load_rows`. Relative image paths are rewritten to absolute ones when `out`'s folder
     (the image root training defaults to) is not the image root the check used.
     """
     path, out = Path(path), Path(out)

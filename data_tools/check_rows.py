@@ -43,7 +43,10 @@ def _classify(message: str) -> str:
 
 def _lenient(raw: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages and images of a row that normalize_row rejected only for its image count or last role."""
-    messages = [{"role": m["role"], "content": _parts(m.get("content"), "")} for m in raw["messages"]]
+    messages = [
+        {"role": m["role"], "content": _parts(m.get("content"), ""), "tool_calls": m.get("tool_calls")}
+        for m in raw["messages"]
+    ]
     images = raw.get("images") or []
     return messages, [images] if isinstance(images, (str, dict)) else list(images)
 

@@ -25,7 +25,7 @@ reason, logged, and listed with the reason in `x.rejects.jsonl` beside the outpu
 Images stay references: a path relative to the output's folder (the default image root when training on it) when
 the image lies under it, else an absolute path; or embedded bytes `{"bytes": …, "path": None}` where the source
 embeds them. The output (`.parquet` → one parquet file, anything else → a `save_to_disk` dir) loads with
-`vlm_peft.data.load_rows`.
+`vlm_peft.data.rows.load_rows`.
 
     python -m data_tools.convert llava_v1_5_mix665k.json data/llava.parquet --image-root data/images
 """
@@ -241,7 +241,7 @@ def _warn_missing_images(table: pa.Table, out_root: Path, image_root: str, given
     """Look for a sample of the referenced image files now: a wrong image root otherwise shows only
     later, as every row failing `check` (or training) with a missing image."""
     paths = []
-    for images in table.column("images").to_pylist()[:MISSING_SAMPLE_ROWS]:
+    for images in table.column("images").slice(0, MISSING_SAMPLE_ROWS).to_pylist():
         paths += [ref["path"] for ref in images or [] if not ref.get("bytes") and ref.get("path")]
     missing = [p for p in paths if not (out_root / p).exists()]  # relative paths are relative to the output
     if missing:

@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pyarrow.parquet as pq
+
+from vlm_peft.data.rows import check_tool_columns
 
 from .formats import FORMATS
 from .formats.common import CAPTION_KEYS, IMAGE_KEYS, pick
@@ -52,8 +55,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    source = pq.ParquetFile(path)
+    check_tool_columns(datasets.Features.from_arrow_schema(source.schema_arrow), str(path))
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+    for batch in source.iter_batches(batch_size=256):
         for row in batch.to_pylist():
             yield f"{path}: row {i}", row
             i += 1

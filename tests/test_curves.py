@@ -33,7 +33,8 @@ def test_png_with_matplotlib(tmp_path):
 
 
 def test_csv_alone_without_matplotlib_said_once(tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import matplotlib… -> ImportError
     monkeypatch.setattr(curves, "_warned", False)
     with caplog.at_level(logging.WARNING):
         assert write_loss_curve(HISTORY, tmp_path, "a") == tmp_path / "loss.csv"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,25 +70,34 @@ def test_tool_row_trains_on_calls_and_answer_not_on_results(processor):
 
 def test_rows_with_different_tools_in_one_batch(processor, tmp_path):
     # transformers renders one `tools` per batch: rows with other tools must still get their own.
-    image_row = {
-        "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
-            {"role": "assistant", "content": "A red circle."},
-        ],
-        "images": ["red.png"],
-    }
-    make_image((255, 0, 0)).save(tmp_path / "red.png")
-    rows = [normalize_row(r, str(i)) for i, r in enumerate([image_row, TOOL_ROW, PLAIN_ROW, image_row])]
+    def image_row(colours: list[str], tools=None) -> dict:
+        parts = [{"type": "image"} for _ in colours]
+        return {
+            "tools": tools,
+            "messages": [
+                {"role": "user", "content": [*parts, {"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": "Shapes."},
+            ],
+            "images": [f"{c}.png" for c in colours],
+        }
+
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    for name, rgb in colours.items():
+        make_image(rgb).save(tmp_path / f"{name}.png")
+    # Image rows in three tools groups, interleaved: pixel_values must stay in reading order.
+    raw = [image_row(["red"]), TOOL_ROW, image_row(["green", "blue"], TOOLS), PLAIN_ROW, image_row(["blue"], [{}])]
+    rows = [normalize_row(r, str(i)) for i, r in enumerate(raw)]
     collator = VLMCollator(processor, image_root=tmp_path)
     batch = collator(rows)
-    assert batch["pixel_values"].shape[0] == 2
-    for i, row in enumerate(rows):
-        alone = collator([row])
-        n = alone["input_ids"].shape[1]
-        assert batch["input_ids"][i, :n].tolist() == alone["input_ids"][0].tolist()
-        assert batch["labels"][i, :n].tolist() == alone["labels"][0].tolist()
+    alone = [collator([row]) for row in rows]
+    assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"] for a in alone if "pixel_values" in a]))
+    first_pixel = [a["pixel_values"][:, 0, 0, 0].tolist() for a in alone if "pixel_values" in a]
+    assert first_pixel[0] != first_pixel[1] and len({tuple(p) for p in first_pixel}) == 3  # distinct images
+    for i, single in enumerate(alone):
+        n = single["input_ids"].shape[1]
+        assert batch["input_ids"][i, :n].tolist() == single["input_ids"][0].tolist()
+        assert batch["labels"][i, :n].tolist() == single["labels"][0].tolist()
         assert not batch["attention_mask"][i, n:].any()
-    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
 
 
 def test_tool_rows_load_from_jsonl_and_parquet(tmp_path, processor):
@@ -150,6 +160,7 @@ def test_eval_prompts_with_tools_and_grades_the_rendered_answer(processor, llm, 
                      enable_thinking=False),
     }  # fmt: skip
     assert {p.replace(pad, "") for p in prompts} == expected  # the reasoning row is prompted in thinking mode
+    assert all(p.startswith(pad) or not p.endswith(pad) for p in prompts)  # padded on the left
     assert [p["target"] for p in predictions] == [
         "<think>\nlooked\n</think>\n\nIt is red.",
         '<tool_call>\n{"name": "zoom", "arguments": {"x": 1}}\n</tool_call>',
@@ -222,3 +233,54 @@ def test_check_accepts_a_tool_call_as_the_last_turn_and_fix_keeps_tools(tmp_path
     for row, source in zip(clean, (call_last, TOOL_ROW)):
         text = processor.tokenizer.decode(VLMCollator(processor)([row])["input_ids"][0])
         assert text == qwen3_render(processor.tokenizer, source)
+
+
+def test_eval_targets_of_inline_reasoning_and_of_a_conversation_without_a_user_turn(processor, llm, vlm_cfg):
+    from vlm_peft import attach
+    from vlm_peft.training.evaluate import evaluate
+
+    inline = {"messages": [PLAIN_ROW["messages"][0], {"role": "assistant", "content": "<think>\nr\n</think>\n\nHi."}]}
+    no_user = {"tools": TOOLS, "messages": [{"role": "system", "content": "Zoom."}, TOOL_ROW["messages"][1]]}
+    model = attach(llm, vlm_cfg)
+    prompts: list[str] = []
+    generate = model.generate
+
+    def spy(**kwargs):
+        prompts.extend(processor.tokenizer.batch_decode(kwargs["input_ids"]))
+        return generate(**kwargs)
+
+    model.generate = spy
+    _, predictions = evaluate(model, processor, load_rows_from([inline, no_user]), None, max_new_tokens=40)
+    assert [p["target"] for p in predictions] == [
+        "<think>\nr\n</think>\n\nHi.",
+        '<tool_call>\n{"name": "zoom", "arguments": {"x": 1}}\n</tool_call>',
+    ]
+    assert prompts[0].endswith("<|im_start|>assistant\n")  # thinking mode: the model writes the think block
+
+
+def test_tool_fields_stored_as_arrow_structs_are_refused(tmp_path):
+    import datasets
+
+    from data_tools.check import check_dataset
+
+    rows = [
+        {"tools": [{"name": "zoom", "parameters": {"x": "int"}}], "messages": TOOL_ROW["messages"][:2]},
+        {"tools": [{"name": "other", "description": "d"}],
+         "messages": [{"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"y": "b"}}]}]},
+    ]  # fmt: skip
+    path = tmp_path / "structs.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))  # arguments and tools become structs with merged keys
+    for read in (load_rows, lambda p: check_dataset(p, progress=False)):
+        with pytest.raises(ValueError, match="tool_calls.*arguments and tools are stored as Arrow structs"):
+            read(path)
+
+
+def test_check_does_not_call_a_tool_call_turn_no_answer_when_the_image_count_is_off():
+    from data_tools.check_rows import RowChecker
+
+    row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                        TOOL_ROW["messages"][1]], "images": []}  # fmt: skip
+    checker = RowChecker(Path("."), 20.0, 10**8, None, None, 10**8)
+    problems, _ = checker.check([(0, "row", row)])
+    assert [p.kind for p in problems] == ["image_count"]

@@ -269,7 +269,29 @@ def test_hub_ids_are_not_taken_for_missing_paths():
     from vlm_peft.training.stages import is_hub_id
 
     assert is_hub_id("Qwen/Qwen3-0.6B") and is_hub_id("gpt2") and is_hub_id("openai/clip-vit-base-patch16")
-    assert not any(map(is_hub_id, ["runs/a/tok", "/abs/tok", "./tok", "../tok", "~/tok", "a/../b"]))
+    assert not any(map(is_hub_id, ["runs/a/tok", "/abs/tok", "./tok", "../tok", "~/tok", "a/../b", "a--b/c"]))
+
+
+def test_offline_a_hub_id_without_a_cached_copy_is_a_recipe_error(tmp_path, shapes, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    recipe = demo(tmp_path, shapes, "llm.tokenizer=someone/no-such-tokenizer")
+    with pytest.raises(RecipeError, match="llm.tokenizer: someone/no-such-tokenizer is not a local path, and the hub"):
+        train(recipe)
+
+
+def test_a_finished_stage_whose_data_is_gone_is_not_checked(tmp_path, shapes):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    quick = ["stages.align.args.max_steps=1", "stages.sft.args.max_steps=1", "stages.align.data.eval=null",
+             "stages.sft.data.eval=null"]  # fmt: skip
+    recipe = demo(tmp_path, data, *quick)
+    train(recipe, stage="align")
+    (data / "align_train.jsonl").unlink()
+    assert train(demo(tmp_path, data, *quick))["sft"]["steps"] == 1
 
 
 NOISE = ("is_gradient_checkpointing", "pin_memory", "`max_length` is ignored")
@@ -281,7 +303,7 @@ def test_cli_train_writes_curves_counts_once_hints_the_stages_question_and_stays
     import shlex
     import warnings
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     sets = [
         f"output_dir={tmp_path / 'run'}",
@@ -325,8 +347,9 @@ def test_cli_train_writes_curves_counts_once_hints_the_stages_question_and_stays
     # 10. each parameter counted once, and the total says what it holds
     metrics = {s: json.loads((run / s / "metrics.json").read_text()) for s in ("align", "sft")}
     llm = AutoModelForCausalLM.from_pretrained(run / "base").num_parameters()
+    tower = AutoModel.from_pretrained(run / "vision").num_parameters()
     for m in metrics.values():
-        assert m["llm"] == llm
+        assert m["llm"] == llm and m["vision"] == tower
         assert m["total"] == m["llm"] + m["projector_total"] + m["lora_total"] + m["vision"]
     assert metrics["align"]["projector"] == metrics["align"]["projector_total"] == metrics["sft"]["projector_total"]
     assert metrics["sft"]["lora"] == metrics["sft"]["lora_total"] > 0

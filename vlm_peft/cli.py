@@ -50,15 +50,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def _example_prompt(spec) -> str:
     """The stage's own first held-out question (its last user text), for the hints after training."""
-    from .data.rows import load_rows
+    from .data.rows import first_row
 
     try:
-        row = load_rows(spec.data.eval or spec.data.train).select(range(1))[0]
+        row = first_row(spec.data.eval or spec.data.train, spec.data.format)
         users = [m for m in row["messages"][:-1] if m["role"] == "user"]
-        text = " ".join(p["text"] for p in users[-1]["content"] if p["type"] == "text").strip()
+        text = " ".join(p["text"] for p in users[-1]["content"] if p["type"] == "text")
     except (ValueError, OSError, IndexError):
         text = ""
-    return text or "QUESTION"
+    return " ".join(text.split()) or "QUESTION"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -146,7 +146,7 @@ def _passthrough(tool: str, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm-peft", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vlm-peft", description=__doc__, allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

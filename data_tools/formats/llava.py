@@ -18,7 +18,7 @@ def convert_row(row: dict[str, Any], index: int, ctx: Context) -> dict[str, Any]
         source_role = turn.get("from", turn.get("role"))
         role = role_of(source_role, i)
         text = as_text(turn.get("value", turn.get("content")), f"turn {i} value")
-        if source_role == "function_call":
+        if isinstance(source_role, str) and source_role.lower() == "function_call":
             messages.append({"role": "assistant", "content": [], "tool_calls": sharegpt_calls(text, i)})
         else:
             messages.append({"role": role, "content": split_markers(text)})

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
@@ -160,15 +161,56 @@ def _json_rows(path: Path) -> Iterator[dict[str, Any]]:
                     raise ValueError(f"{path}:{line_no}: not valid JSON: {err}") from err
 
 
-def load_rows(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
-    """Read a dataset file in the canonical format; every row is checked."""
-    path = Path(path)
+def check_tool_columns(features: datasets.Features, where: str) -> None:
+    """Refuse tool fields stored as Arrow structs: a struct column holds the union of every row's
+    keys, so each row would come back with the other rows' keys as null (in its schemas and
+    arguments) without a word. As JSON strings (what `vlm-peft data convert` writes) they are exact."""
+    messages = features.get("messages")
+    inner = getattr(messages, "feature", None)
+    calls = inner.get("tool_calls") if isinstance(inner, dict) else None
+    function = getattr(calls, "feature", {}).get("function") if calls is not None else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    bad = []
+    if arguments is not None and not (isinstance(arguments, datasets.Value) and arguments.dtype == "string"):
+        bad.append("messages[].tool_calls[].function.arguments")
+    tools = features.get("tools")
+    if tools is not None and not (isinstance(tools, datasets.Value) and tools.dtype in ("string", "null")):
+        bad.append("tools")
+    if bad:
+        raise ValueError(
+            f"{where}: {' and '.join(bad)} are stored as Arrow structs, which fill every row with the other rows' "
+            "keys as null; store them as JSON strings (vlm-peft data convert writes them so)."
+        )
+
+
+def _format(path: Path, fmt: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} not found.")
     if fmt == "auto":
         fmt = "arrow" if path.is_dir() else {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
         if fmt is None:
             raise ValueError(f"{path}: unknown suffix; set data.format to one of jsonl, json, parquet, arrow.")
+    return fmt
+
+
+def first_row(path: str | Path, fmt: str = "auto") -> dict[str, Any]:
+    """The first row of a dataset in canonical form, reading no more of the file than it needs."""
+    path = Path(path)
+    fmt = _format(path, fmt)
+    if fmt == "jsonl":
+        where, row = next(_json_rows(path))
+    elif fmt == "parquet":
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1))
+        where, row = f"{path}: row 0", batch.to_pylist()[0]
+    else:
+        return load_rows(path, fmt)[0]  # a JSON list is parsed whole anyway; an arrow dir is memory-mapped
+    return normalize_row(row, where)
+
+
+def load_rows(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
+    """Read a dataset file in the canonical format; every row is checked."""
+    path = Path(path)
+    fmt = _format(path, fmt)
     if fmt in ("jsonl", "json"):
         # Parsed here, not by datasets' JSON loader: content mixing strings and part lists has no Arrow schema.
         rows = [normalize_row(row, where) for where, row in _json_rows(path)]
@@ -178,6 +220,7 @@ def load_rows(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
     raw = datasets.load_from_disk(str(path)) if fmt == "arrow" else datasets.Dataset.from_parquet(str(path))
     if "messages" not in raw.column_names:
         raise ValueError(f"{path}: no 'messages' column (columns: {raw.column_names}).")
+    check_tool_columns(raw.features, str(path))
     if "images" in raw.column_names:
         # Keep datasets.Image columns as {"bytes", "path"}: decoding is the collator's job.
         raw = raw.cast_column("images", datasets.List(datasets.Image(decode=False)))

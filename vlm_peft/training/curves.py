@@ -39,17 +39,16 @@ def write_loss_curve(log_history: list[dict[str, Any]], out_dir: str | Path, tit
         writer.writeheader()
         writer.writerows(rows)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display on a training node
-        import matplotlib.pyplot as plt
+        # A Figure of its own, not pyplot: no backend is switched under a notebook that calls train().
+        from matplotlib.figure import Figure
     except ImportError:
         if not _warned:
             logger.warning("matplotlib is not installed: loss curves are written as loss.csv only (pip install "
                            "matplotlib, or vlm-peft[plot], for loss.png)")  # fmt: skip
             _warned = True
         return out_dir / "loss.csv"
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
@@ -68,5 +67,4 @@ def write_loss_curve(log_history: list[dict[str, Any]], out_dir: str | Path, tit
     fig.tight_layout()
     path = out_dir / "loss.png"
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import torch
 from ..data.collator import IGNORE_INDEX, VLMCollator, encode_chats
 from ..data.processor import VLMProcessor
 from ..data.rows import WHERE, open_image, row_tools, with_images
+
+logger = logging.getLogger(__name__)
 
 
 def normalize(text: str) -> str:
@@ -45,17 +48,32 @@ def evaluate(
 
 
 THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
+TURN_START, EMPTY_THINK = "<|im_start|>assistant\n", "<think>\n\n</think>\n\n"
 
 
-def _target(processor: VLMProcessor, messages: list[dict[str, Any]], tools: Any, think: bool) -> str:
-    """What the model should generate after the prompt, as the template renders it (answer, tool-call
-    blocks, and the think block when the answer has reasoning), without `<|im_end|>`."""
-    kwargs = {"tools": tools, "enable_thinking": think}
-    full = processor.apply_chat_template(messages, **kwargs)
-    prompt = processor.apply_chat_template(messages[:-1], add_generation_prompt=True, **kwargs)
-    if not full.startswith(prompt):  # cannot happen with the shipped template; a custom one may differ
-        return _answer(messages[-1])
-    return full[len(prompt) :].removesuffix("\n").removesuffix("<|im_end|>")
+def _thinks(message: dict[str, Any]) -> bool:
+    """An answer trained with reasoning (its own field, or a think block in its text)."""
+    return bool(message.get("reasoning_content")) or "</think>" in _answer(message)
+
+
+def _target(processor: VLMProcessor, messages: list[dict[str, Any]], tools: Any) -> str:
+    """What the model should generate for the last turn, as the template renders it: answer, tool-call
+    blocks, and the think block when the answer has reasoning (an empty one is prompt); no `<|im_end|>`.
+
+    Taken as the last turn's part of the whole rendered conversation, so it holds whatever the
+    template does with the turn (a prompt rendered with the generation prompt may differ from it,
+    e.g. no think block after a conversation without a user turn)."""
+    full = processor.apply_chat_template(messages, tools=tools)
+    before = processor.apply_chat_template(messages[:-1], tools=tools) if len(messages) > 1 else ""
+    if not full.startswith(before) or not full[len(before) :].startswith(TURN_START):
+        logger.warning(
+            "the chat template renders the conversation's last turn differently alone than with the turns "
+            "before it; grading its text and tool calls as written"
+        )
+        calls = [c["function"]["name"] + " " + c["function"]["arguments"] for c in messages[-1].get("tool_calls") or []]
+        return "\n".join([_answer(messages[-1]), *calls]).strip()
+    turn = full[len(before) + len(TURN_START) :].removeprefix(EMPTY_THINK)
+    return turn.removesuffix("\n").removesuffix("<|im_end|>")
 
 
 def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_tokens: int):
@@ -65,6 +83,7 @@ def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_token
     collator = VLMCollator(processor, image_root)
     predictions: list[dict[str, Any]] = []
     loss_sum, loss_tokens, tokens_right = 0.0, 0, 0
+    long_targets = False
     for start in range(0, len(rows), batch_size):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         # Rows whose answer has reasoning are prompted in thinking mode, as they were trained.
@@ -74,8 +93,7 @@ def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_token
             where = row.get(WHERE) or f"row {start + offset}"
             images = [open_image(ref, image_root, where) for ref in row.get("images") or []]
             conversations.append(with_images(row["messages"], images))
-            think = bool(row["messages"][-1].get("reasoning_content"))
-            groups.setdefault((row.get("tools"), think), []).append(offset)
+            groups.setdefault((row.get("tools"), _thinks(row["messages"][-1])), []).append(offset)
         texts: list[str] = [""] * len(batch)
         for (tools, think), members in groups.items():
             inputs = encode_chats(
@@ -108,8 +126,13 @@ def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_token
         loss_tokens += int(answer.sum())
         tokens_right += int((answer_logits.argmax(-1) == answer_labels).sum())
         for offset, (row, text) in enumerate(zip(batch, texts)):
-            think = bool(row["messages"][-1].get("reasoning_content"))
-            target = _target(processor, conversations[offset], row_tools(row), think)
+            target = _target(processor, conversations[offset], row_tools(row))
+            if not long_targets and len(tokenizer(target, add_special_tokens=False)["input_ids"]) >= max_new_tokens:
+                long_targets = True
+                logger.warning(
+                    "a target (%s…) is longer than max_new_tokens=%d: such answers cannot be matched; raise "
+                    "eval.max_new_tokens (or --max-new-tokens)", target[:40], max_new_tokens,
+                )  # fmt: skip
             predictions.append(
                 {
                     "index": start + offset,

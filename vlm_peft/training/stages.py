@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
 import yaml
 from trl import SFTConfig
@@ -49,8 +50,14 @@ def check_paths(recipe: Recipe, stages: list[StageSpec], features: bool = True) 
         "vision.image_processor": recipe.vision.image_processor,
     }
     for key, value in models.items():
-        if value is not None and not Path(value).expanduser().exists() and not is_hub_id(value):
+        if value is None or Path(value).exists():
+            continue
+        if not is_hub_id(value):
             raise RecipeError(f"{key}: {value} does not exist (and is not a hub id like Qwen/Qwen3-0.6B).")
+        if huggingface_hub.constants.HF_HUB_OFFLINE and not _in_hub_cache(value):
+            raise RecipeError(
+                f"{key}: {value} is not a local path, and the hub is offline (HF_HUB_OFFLINE) with no cached copy."
+            )
     for spec in stages:
         where = f"stages.{spec.name}.data"
         for split in ("train", "eval"):
@@ -67,8 +74,21 @@ def check_paths(recipe: Recipe, stages: list[StageSpec], features: bool = True) 
 
 
 def is_hub_id(value: str) -> bool:
-    """`name` or `org/name` as the hub spells repo ids; anything else is meant as a local path."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", value) is not None and ".." not in value
+    """A repo id as the hub validates them (`name` or `org/name`); anything else is meant as a path."""
+    if value.startswith((".", "/", "~")):
+        return False
+    try:
+        huggingface_hub.utils.validate_repo_id(value)
+    except huggingface_hub.utils.HFValidationError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, name), str):
+            return True
+    return False
 
 
 def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
@@ -323,7 +343,9 @@ def train(
     # Saved configs name the base and the tower by path: make them work from any directory.
     recipe.output_dir = str(Path(recipe.output_dir).resolve())
     configs = {s.name: sft_config(recipe, s) for s in recipe.stages}
-    check_paths(recipe, recipe.stages if stage is None else [recipe.stage(stage)])
+    selected = recipe.stages if stage is None else [recipe.stage(stage)]
+    # Only the stages that will run: a finished stage's data may be gone.
+    check_paths(recipe, [s for s in selected if overwrite or not is_complete(recipe.stage_dir(s.name))])
     tokenizer = load_tokenizer(recipe)
     base = prepare_base(recipe, tokenizer)
     vision_dir = prepare_vision(recipe)
