@@ -1,5 +1,6 @@
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -241,3 +242,51 @@ def test_saved_processor_forgets_the_last_calls_truncation(processor, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again(text=[processor.apply_chat_template(user_turn("Hi", images=0))] * 2, padding=True)
+
+
+GREYS = [0, 1, 77, 128, 254, 255]  # 8-bit grey levels that every mode below can hold
+
+
+def _grey_image(mode: str) -> Image.Image:
+    """A 6x1 image of GREYS, as it looks stored in `mode` (its native range)."""
+    if mode.startswith("I;16"):
+        image = Image.new(mode, (6, 1))
+        image.putdata([g * 257 for g in GREYS])  # 16-bit PNG values: 255 -> 65535
+        return image
+    if mode == "F":
+        image = Image.new("F", (6, 1))
+        image.putdata([g / 255 for g in GREYS])  # floats in [0, 1]
+        return image
+    base = Image.new("L", (6, 1))
+    base.putdata(GREYS)
+    return base.convert(mode)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["L", "RGB", "RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "I;16L", "F", "1"],
+)
+def test_every_pil_mode_converts_to_the_reference_grey(mode):
+    from vlm_peft.data.processor import to_rgb
+
+    if mode in ("PA",):
+        image = _grey_image("RGBA").convert("PA")
+    else:
+        image = _grey_image(mode)
+    rgb = np.asarray(to_rgb(image), dtype=np.int16)
+    expected = np.array([0 if g < 128 else 255 for g in GREYS] if mode == "1" else GREYS, dtype=np.int16)
+    tolerance = {"CMYK": 1, "YCbCr": 2, "LAB": 2, "HSV": 1, "P": 2, "PA": 2}.get(mode, 0)
+    for channel in range(3):
+        assert np.abs(rgb[0, :, channel] - expected).max() <= tolerance, (mode, rgb[0, :, channel])
+
+
+def test_a_16_bit_png_is_not_white(tmp_path):
+    from vlm_peft.data.processor import to_rgb
+
+    values = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    image = Image.open(tmp_path / "deep.png")
+    assert image.mode.startswith("I")
+    grey = np.asarray(to_rgb(image))[..., 0]
+    np.testing.assert_array_equal(grey, np.round(values / 257).astype(np.uint8))
+    assert (grey == 255).mean() < 0.05

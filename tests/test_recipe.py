@@ -60,7 +60,7 @@ def test_overrides_address_stages_by_name_and_parse_values():
         ),
         (lambda d: d["stages"][0].update(train=[]), r"stages.align.train: list what the stage trains"),
         (lambda d: d["stages"][1].update(name="align"), r"'align' is used twice"),
-        (lambda d: d["stages"][0]["data"].pop("train"), r"stages\[0\].data.train: required key is missing"),
+        (lambda d: d["stages"][0]["data"].pop("train"), r"stages.align.data.train: required key is missing"),
         (
             lambda d: d["projector"].update(num_image_tokens="many"),
             r"num_image_tokens: expected int, got 'many'",
@@ -106,3 +106,42 @@ def test_eval_during_training_needs_an_eval_split_and_room_for_an_image():
         load_recipe("recipes/demo.yaml", ["stages.sft.args.max_length=10"])
     with pytest.raises(RecipeError, match="args.deepspeed: not allowed here"):
         load_recipe("recipes/demo.yaml", ["stages.sft.args.deepspeed=ds.json"])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("stages.sft.lr.projector=.nan", r"stages.sft.lr.projector: must be a finite number, got nan"),
+        ("stages.sft.lr.lora=.inf", r"stages.sft.lr.lora: must be a finite number, got inf"),
+        ("stages.sft.lr.lora=nan", r"stages.sft.lr.lora: must be a finite number"),  # a string, read as a float
+        ("stages.sft.args.weight_decay=.nan", r"stages.sft.args.weight_decay: must be a finite number"),
+        ("llm.random.rms_norm_eps=-.inf", r"llm.random.rms_norm_eps: must be a finite number"),
+        ("projector.dropout=.nan", r"projector.dropout: must be a finite number"),
+    ],
+)
+def test_non_finite_numbers_are_refused_anywhere(override, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe("recipes/demo.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("stages.sft.args.max_steps=ten", r"stages.sft.args.max_steps: expected int, got 'ten'"),
+        ("stages.sft.args.max_steps='4'", r"stages.sft.args.max_steps: expected int, got '4' \(str\)"),
+        ("stages.sft.args.max_steps=4.5", r"stages.sft.args.max_steps: expected int, got 4.5"),
+        ("stages.sft.args.max_length='128'", r"stages.sft.args.max_length: expected int or NoneType, got '128'"),
+        ("stages.sft.args.per_device_train_batch_size='8'", r"per_device_train_batch_size: expected int, got '8'"),
+        ("stages.sft.args.bf16=1", r"stages.sft.args.bf16: expected bool"),
+        ("stages.sft.args.lr_scheduler_type=[1]", r"stages.sft.args.lr_scheduler_type: expected"),
+        ("stages.sft.lora.rank=8", r"stages.sft.lora.rank: unknown key; allowed: \['alpha', 'dropout', 'r'"),
+    ],
+)
+def test_wrong_types_and_keys_are_named_before_anything_is_built(override, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe("recipes/demo.yaml", [override])
+
+
+def test_typed_args_are_kept_and_yaml11_floats_read():
+    r = load_recipe("recipes/demo.yaml", ["stages.sft.args.weight_decay='1e-1'", "stages.sft.args.max_steps=5"])
+    assert r.stage("sft").args["weight_decay"] == 0.1 and r.stage("sft").args["max_steps"] == 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from transformers import BatchFeature, ProcessorMixin
@@ -17,13 +18,27 @@ from .chat_template import QWEN3_VL_TEMPLATE
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
+def _high_bit_to_l(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey images to 8-bit grey by their value range, where PIL's
+    own conversion clips every value above 255 to white."""
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257.0  # 65535 -> 255
+    elif image.mode == "F" and values.min(initial=0) >= 0 and values.max(initial=0) <= 1:
+        values = values * 255.0  # floats in [0, 1]
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency is composited on white rather than dropped to black."""
+    """Any PIL mode to RGB; transparency is composited on white rather than dropped to black, and
+    high-bit-depth grey (16-bit PNGs, 32-bit integer, float) is scaled to 8 bits, not clipped."""
     if min(image.size) == 0:
         raise ValueError(f"image has zero size {image.size}.")
     image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_bit_to_l(image).convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -142,6 +143,24 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def _item_path(path: str, i: int, value: Any) -> str:
+    """`stages.sft` for a named stage, `x[3]` otherwise."""
+    named = path == "stages" and isinstance(value, dict) and isinstance(value.get("name"), str)
+    return f"stages.{value['name']}" if named else f"{path}[{i}]"
+
+
+def _finite(data: Any, path: str) -> None:
+    """NaN and infinity pass every `> 0` check and train to garbage; refuse them anywhere."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise RecipeError(f"{path or 'recipe'}: must be a finite number, got {data}.")
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _finite(value, _join(path, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _finite(value, _item_path(path, i, value))
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -158,7 +177,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _convert(value, option, path)
             except RecipeError as err:
-                errors.append(str(err))
+                errors.append((option, err))
+        sections = [err for option, err in errors if dataclasses.is_dataclass(option)]
+        if isinstance(value, dict) and len(sections) == 1:
+            raise sections[0]  # a mapping for a section: its own error (an unknown key, …) says more
         allowed = " or ".join(_type_name(o) for o in options)
         raise RecipeError(f"{path}: expected {allowed}, got {value!r}.")
     if dataclasses.is_dataclass(tp):
@@ -167,21 +189,30 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{path}: expected a list, got {value!r}.")
         (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_convert(v, item, _item_path(path, i, v)) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{path}: expected a mapping, got {value!r}.")
         return dict(value)
     if tp is Any:
         return value
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{path}: expected one of {list(typing.get_args(tp))}, got {value!r}.")
+        return value
+    if not isinstance(tp, type):
+        return value  # an annotation this checker does not know: transformers checks it
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads "3e-3" (no dot) as a string.
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            _finite(number, path)
+            return number
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise RecipeError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
     return value
@@ -222,16 +253,19 @@ def _check_model(spec: ModelSpec, path: str) -> None:
 
 
 def _check_args(args: dict[str, Any], path: str) -> None:
+    """Names against SFTConfig's fields and values against their types (SFTConfig itself takes
+    `max_steps: "ten"` and fails only once training starts)."""
     from trl import SFTConfig
 
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
-    for key in args:
+    hints = typing.get_type_hints(SFTConfig)
+    for key in list(args):
         if key in RESERVED_ARGS:
             raise RecipeError(f"{path}.{key}: not allowed here: {RESERVED_ARGS[key]}.")
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
+        if key not in hints:
+            near = difflib.get_close_matches(key, hints, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise RecipeError(f"{path}.{key}: not an SFTConfig argument{hint}.")
+        args[key] = _convert(args[key], hints[key], f"{path}.{key}")
 
 
 def validate(recipe: Recipe) -> Recipe:
@@ -350,6 +384,7 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | tupl
     for text in overrides:
         apply_override(data, text)
     try:
+        _finite(data, "")
         return validate(_build(Recipe, data, ""))
     except RecipeError as err:
         raise RecipeError(f"{where}: {err}") from None
