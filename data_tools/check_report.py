@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlm_peft.atomic import write_text
+
 KINDS = (
     "bad_row",
     "image_missing",
@@ -91,13 +93,12 @@ class Report:
 
     def write_bad_rows(self, path: str | os.PathLike[str]) -> Path:
         """One JSON line per bad row: index, origin and its problems ({kind, detail}), in dataset order."""
-        path = Path(path)
-        with path.open("w", encoding="utf-8") as handle:
-            for index, problems in self.by_row().items():
-                record = {
-                    "index": index,
-                    "origin": problems[0].origin,
-                    "problems": [{"kind": p.kind, "detail": p.detail} for p in problems],
-                }
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return path
+        lines = []
+        for index, problems in self.by_row().items():
+            record = {
+                "index": index,
+                "origin": problems[0].origin,
+                "problems": [{"kind": p.kind, "detail": p.detail} for p in problems],
+            }
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        return write_text(path, "".join(lines))  # a link at `path` is replaced, never written through

@@ -346,3 +346,14 @@ def test_image_cut_rows_are_the_ones_training_drops(tmp_path, processor):
     assert cut and {p.index for p in report.problems} - cut  # both sub-kinds present
     kept = fit_to_length(load_rows(path), processor, MAX_LENGTH, "d.jsonl")
     assert len(kept) == len(rows) - len(cut)
+
+
+def test_bad_rows_file_replaces_a_planted_link_instead_of_writing_through_it(tmp_path):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("precious")
+    (tmp_path / "data.bad.jsonl").symlink_to(victim)
+    assert main([str(tmp_path / "data.jsonl"), "-q"]) == 1
+    assert victim.read_text() == "precious"
+    bad = tmp_path / "data.bad.jsonl"
+    assert not bad.is_symlink() and json.loads(bad.read_text().splitlines()[0])["index"] == 0

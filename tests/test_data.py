@@ -8,6 +8,8 @@ from vlm_peft.data.rows import load_rows, normalize_row
 
 from .conftest import N, make_image
 
+PLAIN = {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}
+
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -127,3 +129,50 @@ def test_rows_whose_images_would_be_cut_are_dropped_and_counted(processor, root,
     assert batch["input_ids"].shape[1] == N + 30
     with pytest.raises(ValueError, match="every row is longer"):
         fit_to_length(rows, processor, 5, "d.jsonl")
+
+
+def test_written_out_placeholders_are_named_with_the_row_by_the_loader_and_check(tmp_path):
+    from data_tools.check import check_dataset
+    from data_tools.convert import convert
+
+    row = {"messages": [{"role": "user", "content": "<|vision_start|><|image_pad|><|vision_end|>What is it?"},
+                        {"role": "assistant", "content": "A cat."}], "images": ["a.png"]}  # fmt: skip
+    path = tmp_path / "qwen2vl.jsonl"
+    path.write_text(json.dumps(PLAIN) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: messages\[0\]: the text holds the image placeholder"):
+        load_rows(path)
+    report = check_dataset(path, progress=False)
+    assert [(p.index, p.kind) for p in report.problems if p.kind == "bad_row"] == [(1, "bad_row")]
+    assert "image placeholder" in report.problems[0].detail
+    make_image((255, 0, 0)).save(tmp_path / "a.png")
+    convert(path, tmp_path / "fixed.parquet", fmt="messages")  # the converter turns the run into an image part
+    fixed = load_rows(tmp_path / "fixed.parquet")
+    assert fixed[1]["messages"][0]["content"] == [
+        {"type": "image", "text": None},
+        {"type": "text", "text": "What is it?"},
+    ]
+
+
+def test_non_utf8_data_names_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(PLAIN).encode() + b"\n" + '{"messages": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 text"):
+        load_rows(path)
+    listed = tmp_path / "latin1.json"
+    listed.write_bytes(b'[{"messages": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=rf"{listed}: not UTF-8 text"):
+        load_rows(listed)
+
+
+def test_oversized_and_bomb_images_name_the_row(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vlm_peft.data.rows import open_image
+
+    make_image((1, 2, 3), size=(100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    with pytest.raises(ValueError, match=r"data.jsonl:7: image big.png is 100x100 = 10,000 pixels, over the limit"):
+        open_image("big.png", tmp_path, "data.jsonl:7")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # past twice the limit PIL itself refuses to open it
+    with pytest.raises(ValueError, match=r"data.jsonl:7: image big.png"):
+        open_image("big.png", tmp_path, "data.jsonl:7")

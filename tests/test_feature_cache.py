@@ -85,7 +85,7 @@ def test_cache_of_another_tower_or_image_is_refused(rows, tower, processor, vlm_
     with pytest.raises(ValueError, match="another vision tower"):
         build_cache(rows, tmp_path / "cache", other, processor.image_processor, image_root=tmp_path)
     make_image((1, 2, 3)).save(tmp_path / "new.png")
-    with pytest.raises(KeyError, match="not in the feature cache"):
+    with pytest.raises(ValueError, match="not in the feature cache"):
         FeatureCache(tmp_path / "cache").features(["new.png"], tmp_path, "d.jsonl:9")
     with pytest.raises(FileNotFoundError, match="not a feature cache"):
         FeatureCache(tmp_path)

@@ -176,3 +176,19 @@ def test_merge_overwrite_killed_mid_swap_leaves_or_restores_a_complete_model(ada
     assert _text_model_ok(out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
     assert ("restored it from" if swap == "two-renames" else "removed .merged.partial-") in caplog.text
+
+
+def test_a_full_disk_during_merge_is_a_clean_cli_error(adapter, tmp_path, monkeypatch, caplog):
+    import errno
+
+    from vlm_peft.cli import main
+    from vlm_peft.serving import merge as merge_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1] if len(args) > 1 else ""))
+
+    monkeypatch.setattr(merge_module, "save_file", full)
+    with caplog.at_level(logging.ERROR):
+        assert main(["merge", str(adapter), str(tmp_path / "merged")]) == 2
+    assert "No space left on device" in caplog.text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")] and not (tmp_path / "merged").exists()

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # OSError: missing files, a full disk, permissions
         logger.error("%s", err)
         return 2
 

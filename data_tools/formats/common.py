@@ -15,6 +15,8 @@ from typing import Any
 from vlm_peft.data.rows import ROLES
 
 MARKER = "<image>"
+# Qwen2-VL data writes the placeholder run out in the text; it is an image slot like `<image>`.
+QWEN_MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_KEYS = ("image", "file_name", "filename", "file", "path", "image_path", "img")
 CAPTION_KEYS = ("caption", "text", "caption_text", "description")
 # ShareGPT's `function_call` turns are assistant tool calls, `observation` (and OpenAI's legacy `function`) results.
@@ -96,7 +98,9 @@ def as_text(value: Any, what: str) -> str:
 
 
 def split_markers(text: str) -> list[dict[str, Any]]:
-    """Text with `<image>` markers as parts: an image part per marker, the text around it kept."""
+    """Text with `<image>` markers (or Qwen2-VL's written-out placeholder runs) as parts: an image part
+    per marker, the text around it kept."""
+    text = text.replace(QWEN_MARKER, MARKER)
     if MARKER not in text:
         return [{"type": "text", "text": text}]
     parts: list[dict[str, Any]] = []

@@ -90,8 +90,9 @@ class FeatureCache:
     def get(self, digest: str, where: str = "") -> torch.Tensor:
         entry = self.index["entries"].get(digest)
         if entry is None:
-            raise KeyError(
-                f"{where}: image not in the feature cache {self.directory}; rerun cache-features on this data."
+            raise ValueError(
+                f"{where}: image not in the feature cache {self.directory}; rerun `vlm-peft data cache-features` on "
+                "this data (it adds only what is missing)."
             )
         shard, row = entry
         if shard not in self._handles:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,18 +50,34 @@ MESSAGES = datasets.List(
 )
 
 
+# Image placeholder tokens written out in text (as Qwen2-VL data has them) would become image slots
+# without an image: the row would stop training mid-run with a count mismatch.
+PLACEHOLDER_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+
+
+def _text_part(text: str, where: str) -> dict[str, Any]:
+    for token in PLACEHOLDER_TOKENS:
+        if token in text:
+            raise ValueError(
+                f"{where}: the text holds the image placeholder {token} written out; put an {{'type': 'image'}} part "
+                "where the image goes instead (`vlm-peft data convert` turns <image> markers and written-out "
+                "<|vision_start|><|image_pad|><|vision_end|> runs into image parts)."
+            )
+    return {"type": "text", "text": text}
+
+
 def _parts(content: Any, where: str) -> list[dict[str, Any]]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        return [_text_part(content, where)]
     if not isinstance(content, list):
         raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}.")
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": str(part.get("text", ""))})
+            parts.append(_text_part(str(part.get("text", "")), where))
         elif kind == "image":
             parts.append({"type": "image", "text": None})
         else:
@@ -145,20 +162,29 @@ def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     return {"messages": out, "images": images, "tools": _tools(row.get("tools"), where), WHERE: where}
 
 
-def _json_rows(path: Path) -> Iterator[dict[str, Any]]:
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
+def _json_rows(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
+    if fmt == "json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err}); re-encode the file as UTF-8.") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: a .json dataset must hold a list of rows.")
         yield from ((f"{path}: row {i}", row) for i, row in enumerate(data))
         return
-    with path.open() as handle:
-        for line_no, line in enumerate(handle, 1):
+    with path.open("rb") as handle:  # bytes, so that a bad line is named by its number
+        for line_no, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text ({err}); re-encode the file as UTF-8.") from None
             if line.strip():
                 try:
                     yield f"{path}:{line_no}", json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON: {err}") from err
+                    raise ValueError(f"{path}:{line_no}: not valid JSON: {err}") from None
 
 
 def check_tool_columns(features: datasets.Features, where: str) -> None:
@@ -198,7 +224,7 @@ def first_row(path: str | Path, fmt: str = "auto") -> dict[str, Any]:
     path = Path(path)
     fmt = _format(path, fmt)
     if fmt == "jsonl":
-        where, row = next(_json_rows(path))
+        where, row = next(_json_rows(path, fmt))
     elif fmt == "parquet":
         batch = next(pq.ParquetFile(path).iter_batches(batch_size=1))
         where, row = f"{path}: row 0", batch.to_pylist()[0]
@@ -213,7 +239,7 @@ def load_rows(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
     fmt = _format(path, fmt)
     if fmt in ("jsonl", "json"):
         # Parsed here, not by datasets' JSON loader: content mixing strings and part lists has no Arrow schema.
-        rows = [normalize_row(row, where) for where, row in _json_rows(path)]
+        rows = [normalize_row(row, where) for where, row in _json_rows(path, fmt)]
         if not rows:
             raise ValueError(f"{path}: the dataset is empty.")
         return datasets.Dataset.from_list(rows)
@@ -229,20 +255,30 @@ def load_rows(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
 
 def open_image(ref: str | dict[str, Any], image_root: str | Path | None, where: str) -> Image.Image:
     """A row's image: a path under the image root, an absolute path, or embedded bytes."""
+    name = ref if isinstance(ref, str) else (ref.get("path") or "<bytes>") if isinstance(ref, dict) else repr(ref)
     try:
-        if isinstance(ref, dict) and ref.get("bytes"):
-            image = Image.open(io.BytesIO(ref["bytes"]))
-        else:
-            name = ref.get("path") if isinstance(ref, dict) else ref
-            path = Path(name)
-            if not path.is_absolute() and image_root is not None:
-                path = Path(image_root) / path
-            image = Image.open(path)
+        with warnings.catch_warnings():
+            # Over PIL's limit PIL only warns (up to twice it); the size is checked here instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(ref, dict) and ref.get("bytes"):
+                image = Image.open(io.BytesIO(ref["bytes"]))
+            else:
+                path = Path(name)
+                if not path.is_absolute() and image_root is not None:
+                    path = Path(image_root) / path
+                image = Image.open(path)
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and image.width * image.height > limit:
+            raise ValueError(
+                f"{where}: image {name} is {image.width}x{image.height} = {image.width * image.height:,} pixels, over "
+                f"the limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS, which `data check` applies as image_too_large); "
+                "downscale it or drop the row."
+            )
         image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: image {ref!r} not found (image root: {image_root}).") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{where}: image {ref if isinstance(ref, str) else '<bytes>'} cannot be read: {err}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{where}: image {name} cannot be read: {err}") from None
     return image
 
 
