@@ -14,8 +14,9 @@ Every row is checked, and every problem found is collected (a row can have sever
     role_order        the first non-system turn is not the user's, two user (or two assistant) turns in a
                       row, or a tool result that does not follow an assistant turn (or another tool result)
     too_long          with a processor and max_length: the rendered conversation, image runs expanded, is
-                      longer than max_length; the detail says whether truncation would cut an image run
-                      (training drops such rows, see vlm_peft.data.rows.fit_to_length) or only the answer
+                      longer than max_length; the detail says whether truncation would cut an image run or
+                      the whole answer (training drops both, see vlm_peft.data.rows.fit_to_length) or only
+                      the end of the answer
 
     python -m data_tools.check data/train.jsonl --processor runs/adapter --max-length 2048 --fix data/clean.parquet
 

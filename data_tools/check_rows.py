@@ -4,6 +4,7 @@ and its token length once rendered; `RowChecker` runs them on chunks of rows, in
 from __future__ import annotations
 
 import io
+import json
 import threading
 import warnings
 from collections.abc import Iterator
@@ -14,11 +15,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vlm_peft.data.rows import _parts, normalize_row, row_tools
+from vlm_peft.data.rows import _parts, measure_conversations, normalize_row, row_tools
 
 from .check_report import Problem
-
-IM_START = "<|im_start|>"
 
 
 @dataclass(frozen=True)
@@ -282,32 +281,18 @@ class RowChecker:
         return problems, (messages, tools) if renderable else None
 
     def _lengths(self, conversations: list[tuple[list[dict[str, Any]], Any]]) -> list[tuple[int, int, int] | str]:
-        """Per (messages, tools) (tokens, end of the last image run, start of the last turn), or why it fails."""
-        processor = self.processor
-        texts: list[str | Exception] = []
-        for messages, tools in conversations:  # one by one: each row has its own tools
-            try:
-                texts.append(processor.apply_chat_template(messages, tools=tools, tokenize=False))
-            except Exception as err:  # noqa: BLE001 - reported as the row's problem
-                texts.append(err)
-        ok = [t for t in texts if isinstance(t, str)]
-        encoded = iter(processor.tokenizer(ok, add_special_tokens=False)["input_ids"] if ok else [])
-        # An image run ends with <|vision_end|>, as training's fit_to_length measures it.
-        end = processor.tokenizer.convert_tokens_to_ids(processor.vision_end_token)
-        start = processor.tokenizer.convert_tokens_to_ids(IM_START)
+        """Per (messages, tools): (tokens, end of the last image run, first supervised token), measured as
+        training's fit_to_length measures it, or why the chat template fails on the row."""
         out: list[tuple[int, int, int] | str] = []
-        for text in texts:
-            if not isinstance(text, str):
-                out.append(f"the chat template fails on this row ({type(text).__name__}: {text})")
-                continue
-            ids = next(encoded)
-            reverse = ids[::-1]
-            image_end = len(ids) - reverse.index(end) if end in ids else 0
-            turn_start = len(ids) - 1 - reverse.index(start) if start is not None and start in ids else -1
-            out.append((len(ids), image_end, turn_start))
+        for messages, tools in conversations:  # one by one, so that a failing row is named alone
+            try:
+                key = json.dumps(tools, ensure_ascii=False) if tools else None
+                out.append(measure_conversations(self.processor, [messages], [key])[0])
+            except Exception as err:  # noqa: BLE001 - reported as the row's problem
+                out.append(f"the chat template fails on this row ({type(err).__name__}: {err})")
         return out
 
-    def _too_long(self, index: int, where: str, tokens: int, image_end: int, turn_start: int) -> Problem:
+    def _too_long(self, index: int, where: str, tokens: int, image_end: int, first_label: int) -> Problem:
         limit = self.max_length
         if image_end > limit:
             detail = (
@@ -315,16 +300,16 @@ class RowChecker:
                 f"{image_end}; training drops rows whose image run would be cut: raise max_length to at least "
                 f"{image_end} (at least {tokens} to keep the whole answer), shorten the text, or drop the row"
             )
-        else:
-            answer = ""
-            if 0 <= turn_start and image_end <= turn_start:
-                if turn_start >= limit:
-                    answer = f"; the final assistant turn starts at token {turn_start}, so none of it is trained on"
-                else:
-                    answer = f"; {tokens - limit} of the final assistant turn's {tokens - turn_start} tokens are cut"
+        elif first_label >= limit:
             detail = (
-                f"cuts only the answer: {tokens} tokens > max_length {limit}{answer}; raise max_length to at "
-                f"least {tokens}, shorten the answer, or drop the row"
+                f"cuts the whole answer: {tokens} tokens > max_length {limit}, and the first answer token is at "
+                f"{first_label}, so none of it is trained on; training drops such rows: raise max_length to at least "
+                f"{tokens}, shorten the prompt, or drop the row"
+            )
+        else:
+            detail = (
+                f"cuts only the answer: {tokens} tokens > max_length {limit}, its last {tokens - limit} tokens are "
+                f"cut; raise max_length to at least {tokens}, shorten the answer, or drop the row"
             )
         return Problem(index, where, "too_long", detail)
 

@@ -164,7 +164,7 @@ def test_every_kind_exactly_where_intended(crafted, processor):
     assert "messages[1] (the assistant's answer) has no text" in detail(10)
     assert "messages[1]: a second 'user' turn in a row" in detail(11)
     assert detail(12).startswith("cuts an image run:") and "training drops" in detail(12)
-    assert detail(13).startswith("cuts only the answer:") and "of the final assistant turn's" in detail(13)
+    assert detail(13).startswith("cuts only the answer:") and "tokens are cut" in detail(13)
     assert "messages[0] is a 'user' turn, not the assistant's answer" in detail(15)
     assert "messages[1]: a 'tool' result after a 'user' turn" in detail(16)
     tokens, index = report.longest
@@ -192,7 +192,7 @@ def test_too_long_boundary_at_the_image_run(tmp_path, processor):
     (cut_image,) = check(path, processor, max_length=image_end - 1).problems
     assert cut_image.detail.startswith("cuts an image run:")
     (cut_answer,) = check(path, processor, max_length=image_end).problems
-    assert cut_answer.detail.startswith("cuts only the answer:") and "none of it is trained on" in cut_answer.detail
+    assert cut_answer.detail.startswith("cuts the whole answer:") and "none of it is trained on" in cut_answer.detail
     assert not check(path, processor, max_length=len(ids)).problems
     (over,) = check(path, processor, max_length=len(ids) - 1).problems
     assert f"{len(ids)} tokens > max_length {len(ids) - 1}" in over.detail
@@ -344,8 +344,9 @@ def test_image_cut_rows_are_the_ones_training_drops(tmp_path, processor):
     report = check(path, processor)
     cut = {p.index for p in report.problems if p.detail.startswith("cuts an image run")}
     assert cut and {p.index for p in report.problems} - cut  # both sub-kinds present
+    unsupervised = {p.index for p in report.problems if p.detail.startswith("cuts the whole answer")}
     kept = fit_to_length(load_rows(path), processor, MAX_LENGTH, "d.jsonl")
-    assert len(kept) == len(rows) - len(cut)
+    assert len(kept) == len(rows) - len(cut | unsupervised)
 
 
 def test_bad_rows_file_replaces_a_planted_link_instead_of_writing_through_it(tmp_path):

@@ -127,8 +127,26 @@ def test_rows_whose_images_would_be_cut_are_dropped_and_counted(processor, root,
     assert "1 rows are longer than max_length" in caplog.text
     batch = VLMCollator(processor, root, max_length=N + 30)([kept[i] for i in range(2)])
     assert batch["input_ids"].shape[1] == N + 30
-    with pytest.raises(ValueError, match="every row is longer"):
+    with pytest.raises(ValueError, match="no row keeps a supervised token within max_length=5"):
         fit_to_length(rows, processor, 5, "d.jsonl")
+
+
+def test_rows_whose_answer_starts_past_max_length_are_dropped_not_trained_on_nothing(processor, root, caplog):
+    import logging
+
+    from vlm_peft.data.rows import fit_to_length
+
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "Yes."}]}
+    rows = load_rows(write_jsonl(root / "d.jsonl", [image_row(), long_prompt]))
+    limit = N + 30
+    collated = VLMCollator(processor, root, max_length=limit)([rows[1]])
+    assert (collated["labels"] == IGNORE_INDEX).all()  # what training would get from it: no supervised token
+    with caplog.at_level(logging.WARNING):
+        kept = fit_to_length(rows, processor, limit, "d.jsonl")
+    assert len(kept) == 1 and "dropped 1 of 2 rows whose answers start past it" in caplog.text
+    with pytest.raises(ValueError, match="no row keeps a supervised token"):
+        fit_to_length(load_rows(write_jsonl(root / "e.jsonl", [long_prompt])),
+                      processor, limit, "e.jsonl")  # fmt: skip
 
 
 def test_written_out_placeholders_are_named_with_the_row_by_the_loader_and_check(tmp_path):

@@ -300,34 +300,66 @@ def with_images(messages: list[dict[str, Any]], images: list[Image.Image]) -> li
     return out
 
 
+def measure_conversations(
+    processor: Any, conversations: list[list[dict[str, Any]]], tools: list[str | None]
+) -> list[tuple[int, int, int]]:
+    """Per conversation as the collator renders it: (tokens, end of its last image run, position of its
+    first supervised token); `tools` holds each row's JSON string or None."""
+    tokenizer = processor.tokenizer
+    end_id = tokenizer.convert_tokens_to_ids(processor.vision_end_token)
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(tools):
+        groups.setdefault(key, []).append(i)
+    out: list[tuple[int, int, int]] = [(0, 0, 0)] * len(conversations)
+    for key, members in groups.items():  # one `tools` per call, as the collator renders them
+        encoded = tokenizer.apply_chat_template(
+            [conversations[i] for i in members],
+            tools=row_tools({"tools": key}),
+            chat_template=processor.chat_template,
+            image_placeholder=processor.image_placeholder,
+            enable_thinking=False,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        for j, i in enumerate(members):
+            ids, mask = encoded["input_ids"][j], encoded["assistant_masks"][j]
+            image_end = max((k + 1 for k, t in enumerate(ids) if t == end_id), default=0)
+            out[i] = (len(ids), image_end, next((k for k, m in enumerate(mask) if m), len(mask)))
+    return out
+
+
 def fit_to_length(rows: datasets.Dataset, processor: Any, max_length: int, where: str) -> datasets.Dataset:
-    """Drop (and count) rows whose image runs would be cut by `max_length`; count rows that will only
-    lose the end of their text. Training refuses a cut image rather than crashing mid-run."""
-    end_id = processor.tokenizer.convert_tokens_to_ids(processor.vision_end_token)
+    """Drop (and count) rows that `max_length` would cut inside an image run, or before their first
+    supervised token (they would train on nothing); count rows that only lose the end of their text.
+    Training refuses a cut image rather than crashing mid-run."""
 
     def measure(batch: dict[str, list]) -> dict[str, list]:
         tools = batch.get("tools") or [None] * len(batch["messages"])
-        texts = [
-            processor.apply_chat_template(m, tools=row_tools({"tools": t})) for m, t in zip(batch["messages"], tools)
-        ]
-        ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        image_end = [max((i + 1 for i, t in enumerate(seq) if t == end_id), default=0) for seq in ids]
-        return {"__tokens__": [len(seq) for seq in ids], "__image_end__": image_end}
+        lengths = measure_conversations(processor, batch["messages"], tools)
+        return {
+            "__tokens__": [n for n, _, _ in lengths],
+            "__image_end__": [end for _, end, _ in lengths],
+            "__first_label__": [first for _, _, first in lengths],
+        }
 
     measured = rows.map(measure, batched=True, batch_size=256, desc=f"{where}: measuring rows")
-    keep = [end <= max_length for end in measured["__image_end__"]]
-    dropped = keep.count(False)
+    cut_image = [end > max_length for end in measured["__image_end__"]]
+    # A label at position p is kept when p < max_length (and p = 0 predicts nothing).
+    unsupervised = [not cut and first >= max_length for cut, first in zip(cut_image, measured["__first_label__"])]
+    keep = [not (c or u) for c, u in zip(cut_image, unsupervised)]
     truncated = sum(k and n > max_length for k, n in zip(keep, measured["__tokens__"]))
-    if dropped:
-        logger.warning(
-            "%s: dropped %d of %d rows whose images would be cut by max_length=%d (raise max_length to keep them)",
-            where,
-            dropped,
-            len(rows),
-            max_length,
-        )
+    for count, why in ((sum(cut_image), "images would be cut"), (sum(unsupervised), "answers start past it")):
+        if count:
+            logger.warning(
+                "%s: dropped %d of %d rows whose %s by max_length=%d (raise max_length to keep them)",
+                where, count, len(rows), why, max_length,
+            )  # fmt: skip
     if truncated:
         logger.warning("%s: %d rows are longer than max_length=%d; their ends are cut", where, truncated, max_length)
     if not any(keep):
-        raise ValueError(f"{where}: every row is longer than max_length={max_length} up to its last image.")
-    return rows.select([i for i, k in enumerate(keep) if k]) if dropped else rows
+        raise ValueError(
+            f"{where}: no row keeps a supervised token within max_length={max_length} (every row's image run is cut "
+            "or its answer starts past it); raise max_length."
+        )
+    return rows.select([i for i, k in enumerate(keep) if k]) if not all(keep) else rows
