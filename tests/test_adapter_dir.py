@@ -83,8 +83,16 @@ def test_wrong_base_is_refused_naming_both(base_dir, processor, vlm_cfg, tmp_pat
     assert not hasattr(other, "vlm_projector") and not hasattr(other, "_vlm_state")
 
 
+def forget_checksums(directory):
+    """As a dir saved before checksums, or assembled by hand: the checks behind them still hold."""
+    cfg = json.loads((directory / "vlm_config.json").read_text())
+    cfg["checksums"] = {}
+    (directory / "vlm_config.json").write_text(json.dumps(cfg))
+    return directory
+
+
 def test_projector_key_mismatch_is_an_error(base_dir, vlm_cfg, tmp_path):
-    out = save_adapter(attach(fresh_base(base_dir), vlm_cfg), tmp_path / "adapter")
+    out = forget_checksums(save_adapter(attach(fresh_base(base_dir), vlm_cfg), tmp_path / "adapter"))
     weights = load_file(out / PROJECTOR_FILE)
     missing = dict(weights)
     missing.pop("slot_embed")
@@ -104,7 +112,7 @@ def test_projector_key_mismatch_is_an_error(base_dir, vlm_cfg, tmp_path):
 
 def test_inconsistent_lora_dir_is_an_error(base_dir, processor, vlm_cfg, tmp_path):
     model = trained(add_lora(attach(fresh_base(base_dir), vlm_cfg), r=4), processor, steps=1)
-    out = save_adapter(model, tmp_path / "adapter")
+    out = forget_checksums(save_adapter(model, tmp_path / "adapter"))
     weights = load_file(out / PROJECTOR_FILE)
     save_file({k: v + 1 for k, v in weights.items()}, out / PROJECTOR_FILE)
     base = fresh_base(base_dir)
@@ -176,3 +184,54 @@ def test_tower_object_given_to_attach_is_the_one_saved(base_dir, processor, vlm_
     batch = batch_for(processor)
     with torch.no_grad():
         torch.testing.assert_close(attach(fresh_base(base_dir), out)(**batch).logits, model(**batch).logits)
+
+
+@pytest.fixture()
+def lora_dir(llm, vlm_cfg, processor, tmp_path):
+    llm.save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = add_lora(attach(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), vlm_cfg), r=4)
+    return save_adapter(model, tmp_path / "adapter", processor=processor), tmp_path / "base"
+
+
+@pytest.mark.parametrize(
+    "damage, error, match",
+    [
+        ("truncate projector", ValueError, r"projector.safetensors changed since it was saved"),
+        ("truncate projector, no checksums", ValueError, r"projector.safetensors is not a readable safetensors file"),
+        ("flip a byte of the projector", ValueError, r"projector.safetensors changed since it was saved"),
+        ("remove adapter_model", FileNotFoundError, r"adapter_model.safetensors is missing"),
+        ("remove adapter_config", FileNotFoundError, r"adapter_config.json is missing beside adapter_model"),
+        ("flip a byte of the LoRA", ValueError, r"adapter_model.safetensors changed since it was saved"),
+    ],
+)
+def test_damaged_adapter_dirs_name_the_file(lora_dir, damage, error, match):
+    from transformers import AutoModelForCausalLM
+
+    directory, base = lora_dir
+    target = directory / (PROJECTOR_FILE if "projector" in damage else "adapter_model.safetensors")
+    if damage.startswith("truncate"):
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage.startswith("flip"):
+        data = bytearray(target.read_bytes())
+        data[-5] ^= 0xFF  # inside the tensor data: the file still parses
+        target.write_bytes(bytes(data))
+    elif damage == "remove adapter_model":
+        target.unlink()
+    else:
+        (directory / "adapter_config.json").unlink()
+    if "no checksums" in damage:
+        forget_checksums(directory)
+    llm = AutoModelForCausalLM.from_pretrained(base)
+    with pytest.raises(error, match=match):
+        attach(llm, directory)
+    assert not hasattr(llm, "vlm_projector")  # nothing left attached
+
+
+def test_saved_checksums_cover_the_tensor_files(lora_dir):
+    from vlm_peft.model.checkpoint import sha256
+
+    directory, _ = lora_dir
+    saved = json.loads((directory / "vlm_config.json").read_text())["checksums"]
+    assert saved == {name: sha256(directory / name) for name in (PROJECTOR_FILE, "adapter_model.safetensors")}

@@ -410,3 +410,34 @@ def test_a_checkpoint_torn_at_any_write_resumes_from_the_one_before(tmp_path, sh
         got = load_file(stage_dir / name)
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def test_projector_heads_that_do_not_divide_the_width_name_the_key(tmp_path, shapes):
+    with pytest.raises(RecipeError, match=r"projector.heads: 5 does not divide the LLM's hidden size 128"):
+        train(demo(tmp_path, shapes, "projector.heads=5", "llm.random.hidden_size=128"))
+    assert not (tmp_path / "run" / "base").exists()
+
+
+class Diverge(TrainerCallback):
+    """Makes the projector's weights NaN after `step`, as a diverging run would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if p.requires_grad).fill_(float("nan"))
+
+
+def test_a_run_that_goes_non_finite_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shapes):
+    from vlm_peft.training.trainer import NonFiniteError
+
+    recipe = demo(tmp_path, shapes, *RESUME)
+    with pytest.raises(NonFiniteError, match=r"stage sft, step 5: non-finite gradient"):
+        train(recipe, callbacks=[Diverge(4)])
+    stage_dir = recipe.stage_dir("sft")
+    assert not (stage_dir / "metrics.json").exists() and not (stage_dir / "checkpoint-6").exists()
+    good = load_file(stage_dir / "checkpoint-3" / "projector.safetensors")
+    assert all(torch.isfinite(t).all() for t in good.values())
+    assert train(recipe)["sft"]["steps"] == 6  # resumes from checkpoint-3 and finishes

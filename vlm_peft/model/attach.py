@@ -17,6 +17,7 @@ from .checkpoint import (
     load_projector,
     projector_matches_file,
     unwrap,
+    verify_dir,
 )
 from .config import VLMConfig
 from .hooks import PROJECTOR_ATTR, STATE_ATTR, VLMState, get_state, install, uninstall
@@ -83,6 +84,7 @@ def attach(
         cfg = config_or_dir
     else:
         cfg = VLMConfig.from_pretrained(directory)
+        verify_dir(directory, cfg)
         check_base(cfg, llm.config, str(directory))
     source = str(directory or "VLMConfig")
     tower, cfg = _as_tower(vision, cfg, directory)

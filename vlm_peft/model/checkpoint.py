@@ -8,6 +8,7 @@ and `vision/` when the tower has random weights and so no source to reload it fr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
 
-from .config import VLMConfig
+from .config import CONFIG_NAME, VLMConfig
 from .hooks import PROJECTOR_ATTR, get_state
 
 PROJECTOR_FILE = "projector.safetensors"
+LORA_FILE, LORA_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 VISION_DIR = "vision"
 FINGERPRINT_KEYS = (
     "model_type",
@@ -73,11 +75,50 @@ def active_projector(llm: nn.Module) -> nn.Module:
     return module
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or an error naming it (a truncated file otherwise fails deep in safetensors)."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError and OSError say nothing of the file
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); it is damaged: re-save or retrain."
+        ) from None
+
+
+def verify_dir(directory: Path, cfg: VLMConfig) -> None:
+    """What an adapter or merged dir must hold before anything is read from it: the files the
+    config's checksums name, unchanged, and PEFT's two LoRA files together or not at all."""
+    for name, digest in cfg.checksums.items():
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {directory} was saved with it ({CONFIG_NAME} lists it).")
+        if sha256(path) != digest:
+            raise ValueError(
+                f"{path} changed since it was saved (its SHA-256 differs from the one in {CONFIG_NAME}): the file is "
+                "damaged or was edited; re-save or retrain it."
+            )
+    has_config, has_weights = (directory / LORA_CONFIG).is_file(), (directory / LORA_FILE).is_file()
+    if has_config != has_weights:
+        missing, present = (LORA_FILE, LORA_CONFIG) if has_config else (LORA_CONFIG, LORA_FILE)
+        raise FileNotFoundError(
+            f"{directory / missing} is missing beside {present}: the LoRA adapter is incomplete, and loading it "
+            "without LoRA would silently give another model."
+        )
+
+
 def load_projector(projector: nn.Module, path: Path) -> None:
     """Strict load: a key mismatch would otherwise leave a randomly initialised projector."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the adapter dir has no projector weights.")
-    state = load_file(str(path))
+    state = read_tensors(path)
     expected = projector.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -114,14 +155,16 @@ def save_adapter(model: nn.Module, directory: str | Path, processor: Any = None)
         model.save_pretrained(out)
     weights = {k: v.detach().contiguous().cpu() for k, v in active_projector(llm).state_dict().items()}
     save_file(weights, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
-    cfg.save_pretrained(out)
+    written = [PROJECTOR_FILE, *([LORA_FILE] if isinstance(model, PeftModel) else [])]
+    cfg = dataclasses.replace(cfg, checksums={name: sha256(out / name) for name in written})
+    cfg.save_pretrained(out)  # last: its checksums vouch for the files written before it
     if processor is not None:
         processor.save_pretrained(out)
     return out
 
 
 def projector_matches_file(projector: nn.Module, path: Path) -> bool:
-    saved = load_file(str(path))
+    saved = read_tensors(path)
     current = projector.state_dict()
     return all(torch.equal(saved[k], current[k].detach().cpu().to(saved[k].dtype)) for k in saved)
 
@@ -131,13 +174,14 @@ def load_training_weights(model: nn.Module, directory: str | Path) -> None:
     from peft import set_peft_model_state_dict
 
     directory = Path(directory)
+    verify_dir(directory, VLMConfig.from_pretrained(directory))
     llm = unwrap(model)
     load_projector(active_projector(llm), directory / PROJECTOR_FILE)
     if isinstance(model, PeftModel):
-        path = directory / "adapter_model.safetensors"
+        path = directory / LORA_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the checkpoint has no LoRA weights but the model has LoRA.")
-        result = set_peft_model_state_dict(model, load_file(str(path)))
+        result = set_peft_model_state_dict(model, read_tensors(path))
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing or result.unexpected_keys:
             raise ValueError(

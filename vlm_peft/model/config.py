@@ -48,6 +48,8 @@ class VLMConfig:
     # Identity of the base LLM, written when an adapter dir is saved.
     base_model: str | None = None
     base_fingerprint: dict[str, Any] | None = None
+    # SHA-256 of the tensor files saved beside this config, checked when they are read back.
+    checksums: dict[str, str] = field(default_factory=dict)
 
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)

@@ -25,7 +25,7 @@ from peft import PeftModel
 from safetensors.torch import save_file
 
 from ..atomic import exchange, remove, stale_temporaries
-from ..model.checkpoint import PROJECTOR_FILE, VISION_DIR, active_projector, unwrap
+from ..model.checkpoint import PROJECTOR_FILE, VISION_DIR, active_projector, sha256, unwrap
 from ..model.config import VLMConfig
 from ..model.hooks import PROJECTOR_ATTR, get_state
 from .loading import load
@@ -145,6 +145,7 @@ def merge(
             cfg = dataclasses.replace(cfg, vision_model=f"./{VISION_DIR}", vision_config=None)
         elif not Path(cfg.vision_model).is_absolute() and Path(cfg.vision_model).exists():
             cfg = dataclasses.replace(cfg, vision_model=str(Path(cfg.vision_model).resolve()))
+        cfg = dataclasses.replace(cfg, checksums={PROJECTOR_FILE: sha256(tmp / PROJECTOR_FILE)})
         cfg.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         recipe = None

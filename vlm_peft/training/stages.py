@@ -25,6 +25,7 @@ from .build import (
     DTYPE,
     build_processor,
     build_stage_model,
+    check_projector_width,
     load_tokenizer,
     new_vlm_config,
     prepare_base,
@@ -311,7 +312,7 @@ def _make_trainer(
     callbacks=None,
     features: FeatureCache | None = None,
 ):
-    from .trainer import VLMTrainer
+    from .trainer import FiniteGuard, VLMTrainer
 
     return VLMTrainer(
         model=model,
@@ -322,7 +323,7 @@ def _make_trainer(
         data_collator=VLMCollator(processor, image_root, max_length=args.max_length, features=features),
         projector_lr=stage.lr.projector,
         lora_lr=stage.lr.lora,
-        callbacks=callbacks,
+        callbacks=[FiniteGuard(stage.name), *(callbacks or [])],
     )
 
 
@@ -346,6 +347,7 @@ def train(
     selected = recipe.stages if stage is None else [recipe.stage(stage)]
     # Only the stages that will run: a finished stage's data may be gone.
     check_paths(recipe, [s for s in selected if overwrite or not is_complete(recipe.stage_dir(s.name))])
+    check_projector_width(recipe)
     tokenizer = load_tokenizer(recipe)
     base = prepare_base(recipe, tokenizer)
     vision_dir = prepare_vision(recipe)

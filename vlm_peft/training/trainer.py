@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_optimizer import is_optimizer_factory
 from trl import SFTTrainer
 
 from ..model.checkpoint import load_training_weights, save_adapter
 from ..model.hooks import PROJECTOR_ATTR
+
+
+class NonFiniteError(ValueError):
+    """Training went to NaN or infinity; the step it happened at is named."""
+
+
+class FiniteGuard(TrainerCallback):
+    """Stops a run whose gradients or loss stop being finite, before the optimizer applies them, so
+    that the last checkpoint stays the last good state (a run that went NaN used to finish "done")."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def _fail(self, state: Any, what: str) -> None:
+        raise NonFiniteError(
+            f"stage {self.stage}, step {state.global_step + 1}: {what}. Nothing of this step was applied; the last "
+            "checkpoint of the stage is its last good state (a rerun resumes from it). Lower the learning rate, "
+            "raise warmup, or look for a bad row in the step's batch."
+        )
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if args.fp16 or model is None:  # fp16's grad scaler skips inf steps itself
+            return
+        grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+        if grads and not torch.stack([torch.isfinite(g).all() for _, g in grads]).all():
+            name = next(n for n, g in grads if not torch.isfinite(g).all())
+            self._fail(state, f"non-finite gradient (first in {name})")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value) and not (args.fp16 and key == "grad_norm"):
+                self._fail(state, f"the logged {key} is {value}")
 
 
 class VLMTrainer(SFTTrainer):
