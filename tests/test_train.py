@@ -75,14 +75,15 @@ RESUME = [
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path, shapes):
     whole = demo(tmp_path / "a", shapes, *RESUME)
-    train(whole)
+    whole_loss = train(whole)["sft"]["train_loss"]
     interrupted = demo(tmp_path / "b", shapes, *RESUME)
     with pytest.raises(Killed):
         train(interrupted, callbacks=[KillAfterSave(3)])
     stage_dir = interrupted.stage_dir("sft")
     assert (stage_dir / "checkpoint-3" / "adapter_model.safetensors").is_file()
     assert not (stage_dir / "checkpoint-6").exists()
-    train(interrupted)  # align is done and skipped; sft resumes from checkpoint-3
+    resumed_loss = train(interrupted)["sft"]["train_loss"]  # align is done and skipped; sft resumes at step 3
+    assert resumed_loss == pytest.approx(whole_loss, rel=1e-6)  # the whole stage's mean, not steps 4-6 only
     state = json.loads((stage_dir / "checkpoint-6" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
     for name in ("projector.safetensors", "adapter_model.safetensors"):

@@ -35,6 +35,7 @@ from .build import (
 from .curves import write_loss_curve
 from .evaluate import evaluate, format_summary
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
+from .trainer import LOSS_KEY, FiniteGuard, VLMTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -198,11 +199,14 @@ def run_stage(
     _record_recipe(recipe, stage_dir, resuming=checkpoint is not None)
     if checkpoint:
         logger.info("stage %s: resuming from %s", stage.name, checkpoint)
+    before = _loss_so_far(checkpoint) if checkpoint else (0.0, 0)
+    trainer.loss_before = before
     done = _finished_checkpoint(checkpoint, args.max_steps)
     if done is not None:
         # transformers resumed at max_steps trains one step more; the checkpoint is the final state.
         load_training_weights(trainer.model, checkpoint)
-        train_loss, steps = done
+        steps = done
+        train_loss = before[0] / steps if steps else None
     else:
         try:
             result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -213,7 +217,9 @@ def run_stage(
                     "recipe it was made with, or start over with --resume no."
                 ) from err
             raise
-        train_loss, steps = result.training_loss, result.global_step
+        steps = result.global_step
+        # The whole stage's mean: transformers' covers only the steps of this run after a resume.
+        train_loss = (before[0] + result.training_loss * (steps - before[1])) / max(steps, 1)
     trainer.save_model(str(stage_dir))
     metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps, **counts}
     if not trainer.is_world_process_zero():
@@ -276,15 +282,27 @@ def _history(checkpoint: str) -> list[dict[str, Any]]:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("log_history", [])
 
 
-def _finished_checkpoint(checkpoint: str | None, max_steps: int) -> tuple[float | None, int] | None:
-    """(train loss, steps) when `checkpoint` already reached max_steps, else None."""
+def _finished_checkpoint(checkpoint: str | None, max_steps: int) -> int | None:
+    """The steps of `checkpoint` when it already reached max_steps, else None."""
     if not checkpoint or max_steps <= 0:
         return None
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    if state["global_step"] < max_steps:
-        return None
-    losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
-    return (losses[-1] if losses else None), state["global_step"]
+    return state["global_step"] if state["global_step"] >= max_steps else None
+
+
+def _loss_so_far(checkpoint: str) -> tuple[float, int]:
+    """(sum of the per-step train losses, steps) up to `checkpoint`: as VLMTrainer records it, or, in a
+    checkpoint without the record, from the logged losses (each the mean since the previous log)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    record = state.get("stateful_callbacks", {}).get(LOSS_KEY)
+    if record:
+        return float(record["loss_sum"]), int(record["steps"])
+    total, last = 0.0, 0
+    for entry in state.get("log_history", []):
+        if "loss" in entry and entry.get("step", 0) > last:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total, last
 
 
 def _record_recipe(recipe: Recipe, stage_dir: Path, resuming: bool) -> None:
@@ -312,7 +330,6 @@ def _make_trainer(
     callbacks=None,
     features: FeatureCache | None = None,
 ):
-    from .trainer import FiniteGuard, VLMTrainer
 
     return VLMTrainer(
         model=model,

@@ -13,6 +13,9 @@ from trl import SFTTrainer
 from ..model.checkpoint import load_training_weights, save_adapter
 from ..model.hooks import PROJECTOR_ATTR
 
+# Key in a checkpoint's trainer_state.json `stateful_callbacks`: the sum of the per-step losses so far.
+LOSS_KEY = "VLMStageLoss"
+
 
 class NonFiniteError(ValueError):
     """Training went to NaN or infinity; the step it happened at is named."""
@@ -55,7 +58,16 @@ class VLMTrainer(SFTTrainer):
     def __init__(self, *args: Any, projector_lr: float, lora_lr: float, **kwargs: Any) -> None:
         self.projector_lr = projector_lr
         self.lora_lr = lora_lr
+        # (loss sum, steps) of the steps trained before this run resumed, for the stage's mean loss.
+        self.loss_before: tuple[float, int] = (0.0, 0)
         super().__init__(*args, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # transformers' train loss after a resume covers the resumed steps only; the running sum is kept
+        # in the checkpoint so the stage's mean covers all of them.
+        total = self.loss_before[0] + self._total_loss_scalar + float(self._tr_loss.item())
+        self.state.stateful_callbacks[LOSS_KEY] = {"loss_sum": total, "steps": self.state.global_step}
+        super()._save_checkpoint(model, trial)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
