@@ -6,6 +6,7 @@ import warnings
 import zlib
 
 import datasets
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -358,3 +359,39 @@ def test_bad_rows_file_replaces_a_planted_link_instead_of_writing_through_it(tmp
     assert victim.read_text() == "precious"
     bad = tmp_path / "data.bad.jsonl"
     assert not bad.is_symlink() and json.loads(bad.read_text().splitlines()[0])["index"] == 0
+
+
+# What check flags but training takes by design: warnings about the data, not rows it cannot use.
+CHECK_ONLY = {7: "image_aspect", 10: "no_answer (empty text)", 11: "role_order", 13: "too_long (answer end)",
+              16: "role_order"}  # fmt: skip
+
+
+def test_check_and_training_agree_on_every_bad_row(crafted, processor, tmp_path, monkeypatch):
+    """Every row that training refuses or drops, check flags; what check flags beyond it is CHECK_ONLY."""
+    from vlm_peft.data.collator import VLMCollator
+    from vlm_peft.data.rows import fit_to_length
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", MAX_PIXELS)  # one size limit for both
+    lines = [line for line in crafted.read_text().splitlines() if line.strip()]
+    values = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(values).save(crafted.parent / "deep.png")  # 16-bit: fine now for both
+    lines.append(json.dumps(row(images=["deep.png"])))
+    written_out = row(parts=[{"type": "text", "text": "<|vision_start|><|image_pad|><|vision_end|>What?"}])
+    lines.append(json.dumps({**written_out, "images": []}))  # a placeholder written in the text
+    data = crafted.parent / "all.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    flagged = set(check(data, processor).bad_rows)
+
+    refused = set()
+    for index, line in enumerate(lines):
+        one = tmp_path / f"row{index}.jsonl"
+        one.write_text(line + "\n")
+        try:
+            rows = fit_to_length(load_rows(one), processor, MAX_LENGTH, str(one))
+            VLMCollator(processor, crafted.parent, max_length=MAX_LENGTH)([rows[0]])
+        except (ValueError, OSError):
+            refused.add(index)
+    assert refused, "the crafted rows must include some that training refuses"
+    assert refused <= flagged, f"training refuses rows {sorted(refused - flagged)} that check calls clean"
+    assert flagged - refused == set(CHECK_ONLY), (sorted(flagged - refused), CHECK_ONLY)
+    assert len(lines) - 2 not in flagged and len(lines) - 1 in flagged and len(lines) - 1 in refused
