@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -75,6 +76,19 @@ def test_interrupted_cache_run_resumes(rows, tower, processor, tmp_path, monkeyp
     counts = build_cache(rows, tmp_path / "cache", tower, processor.image_processor, image_root=tmp_path, shard_size=2)
     assert counts["distinct_new"] == 2 and counts["cached_total"] == 4
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+
+
+def test_temporaries_of_a_killed_cache_run_are_removed(rows, tower, processor, tmp_path, caplog):
+    import logging
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".shard-00000.safetensors.partial-99999999").write_bytes(b"half")  # no such process
+    (cache / f".index.json.partial-{os.getpid()}").write_text("{")  # a live process's: kept
+    with caplog.at_level(logging.WARNING):
+        build_cache(rows, cache, tower, processor.image_processor, image_root=tmp_path, shard_size=2)
+    assert not (cache / ".shard-00000.safetensors.partial-99999999").exists() and "died" in caplog.text
+    assert (cache / f".index.json.partial-{os.getpid()}").exists()
 
 
 def test_cache_of_another_tower_or_image_is_refused(rows, tower, processor, vlm_cfg, tmp_path):

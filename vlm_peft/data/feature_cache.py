@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..atomic import remove, stale_temporaries
 from ..model.vision import VisionTower
 from .processor import to_rgb
 
@@ -121,6 +122,9 @@ def build_cache(
     """Encode every distinct image of `rows` not yet in the cache at `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for path, _ in stale_temporaries(out, r"\..+\.partial-(\d+)"):  # from a run that was killed mid-write
+        remove(path)
+        logger.warning("removed %s, left by a cache-features run that died", path)
     stamp = fingerprint(tower, image_processor)
     path = out / INDEX
     if path.is_file():
