@@ -84,11 +84,11 @@ def test_temporaries_of_a_killed_cache_run_are_removed(rows, tower, processor, t
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / ".shard-00000.safetensors.partial-99999999").write_bytes(b"half")  # no such process
-    (cache / f".index.json.partial-{os.getpid()}").write_text("{")  # a live process's: kept
+    (cache / f".index.json.partial-{os.getppid()}").write_text("{")  # a live process's: kept
     with caplog.at_level(logging.WARNING):
         build_cache(rows, cache, tower, processor.image_processor, image_root=tmp_path, shard_size=2)
     assert not (cache / ".shard-00000.safetensors.partial-99999999").exists() and "died" in caplog.text
-    assert (cache / f".index.json.partial-{os.getpid()}").exists()
+    assert (cache / f".index.json.partial-{os.getppid()}").exists()
 
 
 def test_cache_of_another_tower_or_image_is_refused(rows, tower, processor, vlm_cfg, tmp_path):
