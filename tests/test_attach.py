@@ -48,6 +48,31 @@ def test_text_only_is_the_plain_model(llm, processor, vlm_cfg, tokenizer):
         torch.testing.assert_close(model(**ids).logits, plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["cross_attention", "mlp"])
+def test_a_text_only_training_batch_runs_the_projector_idle(llm, vlm_cfg, tokenizer, kind):
+    # Every rank runs the same modules whatever its batch holds; the output is the plain model's.
+    import dataclasses
+
+    cfg = dataclasses.replace(vlm_cfg, projector=kind, num_image_tokens=16) if kind == "mlp" else vlm_cfg
+    ids = tokenizer(["What is this? A red circle."], return_tensors="pt")
+    with torch.no_grad():
+        plain = llm(**ids).logits.clone()
+    model = attach(llm, cfg).train()
+    calls = []
+    projector = getattr(model, PROJECTOR_ATTR)
+    handle = projector.register_forward_hook(lambda *a: calls.append(1))
+    out = model(**ids, labels=ids["input_ids"])
+    handle.remove()
+    assert calls == [1]
+    torch.testing.assert_close(out.logits, plain, rtol=0, atol=0)
+    out.loss.backward()  # a frozen LLM's loss still has a graph
+    grads = [p.grad for p in projector.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+    with torch.no_grad():
+        model(**ids)
+    assert calls == [1]  # not in evaluation or generation
+
+
 def test_vision_tower_outside_state_dict_and_frozen(llm, vlm_cfg):
     keys_before = set(llm.state_dict())
     model = attach(llm, vlm_cfg)

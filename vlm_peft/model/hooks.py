@@ -105,7 +105,27 @@ def _splice_images(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
         features = encode_images(module, pixel_values, image_features)
         kwargs["inputs_embeds"] = embed_with_images(module, input_ids, features)
         kwargs["input_ids"] = None
+    elif module.training and torch.is_grad_enabled():
+        kwargs["inputs_embeds"] = embed_with_idle_projector(module, input_ids)
+        kwargs["input_ids"] = None
     return (), kwargs
+
+
+def embed_with_idle_projector(llm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of a batch without images, plus 0 x the projector's output on one all-zero
+    image: in training every rank then runs the same modules and collectives whatever its batch holds
+    (DDP needs no find_unused_parameters, FSDP / ZeRO-3 gathers never wait on a rank that skipped the
+    projector), and a frozen LLM's loss keeps a graph to backpropagate through."""
+    cfg = get_state(llm).config
+    embeds = llm.get_input_embeddings()(input_ids)
+    projector = getattr(llm, PROJECTOR_ATTR)
+    weight = next(projector.parameters())
+    features = torch.zeros(1, cfg.num_patches, cfg.vision_hidden_size, device=weight.device, dtype=weight.dtype)
+    query = llm.get_input_embeddings()(
+        torch.full((1, cfg.num_image_tokens), cfg.image_token_id, device=input_ids.device)
+    )
+    idle = projector(features, query.to(weight.dtype))
+    return embeds + 0.0 * idle.sum().to(embeds.dtype)
 
 
 def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -99,16 +99,6 @@ class VLMTrainer(SFTTrainer):
         self.optimizer = optimizer_cls(param_groups, **kwargs)
         return self.optimizer
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss_only = loss[0] if return_outputs else loss
-        if model.training and not loss_only.requires_grad:
-            # A batch without images leaves a frozen LLM's loss without a graph; keep backward valid.
-            zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-            loss_only = loss_only + zero
-            return (loss_only, loss[1]) if return_outputs else loss_only
-        return loss
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:
             save_adapter(self.model, output_dir or self.args.output_dir, processor=self.processing_class)
