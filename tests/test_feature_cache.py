@@ -108,8 +108,9 @@ def test_cache_of_another_tower_or_image_is_refused(rows, tower, processor, vlm_
 @pytest.mark.slow
 def test_training_from_the_cache_equals_training_from_images(tmp_path, monkeypatch):
     from data_tools.synth import make_shapes_dataset
+    from vlm_peft.training.cache import cache_stage_features
     from vlm_peft.training.recipe import load_recipe
-    from vlm_peft.training.stages import cache_stage_features, train
+    from vlm_peft.training.stages import train
 
     shapes = make_shapes_dataset(tmp_path / "shapes", seed=2, align_train=48, align_eval=8, sft_train=8, sft_eval=8)
     sets = [

@@ -129,8 +129,8 @@ PASSTHROUGH = {
 
 
 def _cache_features(args: argparse.Namespace) -> int:
+    from .training.cache import cache_stage_features
     from .training.recipe import load_recipe
-    from .training.stages import cache_stage_features
 
     recipe = load_recipe(args.recipe, args.set or [])
     counts = cache_stage_features(recipe, args.stage, args.out, args.batch_size, args.dtype)

@@ -34,8 +34,11 @@ RESERVED_ARGS = {
     "assistant_only_loss": "labels are always masked to the assistant's tokens",
     "completion_only_loss": "labels are always masked to the assistant's tokens",
     "load_best_model_at_end": "not supported yet; evaluate the checkpoints instead",
-    "deepspeed": "not supported yet (checkpoints hold the projector and LoRA only)",
-    "fsdp": "not supported yet (checkpoints hold the projector and LoRA only)",
+    "deepspeed": "set the recipe's top-level distributed.strategy (one setting for every stage)",
+    "fsdp": "set the recipe's top-level distributed.strategy (one setting for every stage)",
+    "fsdp_config": "set the recipe's top-level distributed section (one setting for every stage)",
+    "use_cpu": "vlm-peft sets it: on a machine without CUDA, runs of several processes use gloo",
+    "ddp_timeout": "set distributed.timeout",
 }
 # Stage dirs sit beside these under output_dir.
 RESERVED_STAGE_NAMES = ("base", "vision", "data")
@@ -120,6 +123,21 @@ class StageSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
 
 
+DISTRIBUTED_STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
+
+
+@dataclass
+class DistributedSpec:
+    """How the processes a launcher started (torchrun, accelerate launch, `--nproc N`) share the work;
+    one setting for every stage. With one process it changes nothing."""
+
+    strategy: str = "ddp"
+    deepspeed: str | dict[str, Any] | None = None
+    fsdp: dict[str, Any] | None = None
+    # Seconds a process waits at a collective (a barrier, a gradient all-reduce) before failing.
+    timeout: int = 1800
+
+
 @dataclass
 class Recipe:
     output_dir: str
@@ -127,6 +145,7 @@ class Recipe:
     vision: VisionSpec
     stages: list[StageSpec]
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
     name: str | None = None
     seed: int = 0
 
@@ -290,6 +309,14 @@ def validate(recipe: Recipe) -> Recipe:
                     f"projector.num_image_tokens: projector kind {p.kind!r} emits one token per patch, so it must be "
                     f"{patches} for this tower, got {p.num_image_tokens}."
                 )
+    d = recipe.distributed
+    _choice(d.strategy, DISTRIBUTED_STRATEGIES, "distributed.strategy")
+    if d.timeout < 1:
+        raise RecipeError(f"distributed.timeout: must be >= 1 second, got {d.timeout}.")
+    if d.deepspeed is not None and d.strategy != "deepspeed":
+        raise RecipeError("distributed.deepspeed: given, but distributed.strategy is not 'deepspeed'.")
+    if d.fsdp is not None and d.strategy != "fsdp":
+        raise RecipeError("distributed.fsdp: given, but distributed.strategy is not 'fsdp'.")
     if not recipe.stages:
         raise RecipeError("stages: at least one stage is required.")
     names = [s.name for s in recipe.stages]

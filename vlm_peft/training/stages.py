@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,12 @@ import yaml
 from trl import SFTConfig
 
 from ..data.collator import VLMCollator
-from ..data.feature_cache import FeatureCache, build_cache
+from ..data.feature_cache import FeatureCache
 from ..data.rows import fit_to_length, load_rows
 from ..model.checkpoint import load_training_weights, unwrap
 from ..model.config import CONFIG_NAME
 from ..model.hooks import get_state
-from ..model.vision import load_vision_tower
 from .build import (
-    DTYPE,
     build_processor,
     build_stage_model,
     check_projector_width,
@@ -32,15 +29,13 @@ from .build import (
     prepare_vision,
     trainable_counts,
 )
+from .checkpoints import finished_checkpoint, history, last_complete_checkpoint, loss_so_far
 from .curves import write_loss_curve
 from .evaluate import evaluate, format_summary
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
-from .trainer import LOSS_KEY, FiniteGuard, VLMTrainer
+from .trainer import FiniteGuard, VLMTrainer
 
 logger = logging.getLogger(__name__)
-
-# transformers writes trainer_state.json after everything else of a checkpoint: with it, the rest is whole.
-CHECKPOINT_FILES = ("vlm_config.json", "projector.safetensors", "trainer_state.json")
 
 
 def check_paths(recipe: Recipe, stages: list[StageSpec], features: bool = True) -> None:
@@ -124,44 +119,6 @@ def is_complete(stage_dir: Path) -> bool:
     return (stage_dir / CONFIG_NAME).is_file() and (stage_dir / "metrics.json").is_file()
 
 
-def cache_stage_features(
-    recipe: Recipe, stage: str, out: str | None = None, batch_size: int = 32, dtype: str = "float16"
-) -> dict[str, int]:
-    """Encode the images of a stage's train and eval data with the recipe's tower into a feature cache."""
-    spec = recipe.stage(stage)
-    out = out or spec.data.features
-    if out is None:
-        raise RecipeError(f"stages.{stage}.data.features: set it (or pass --out) to say where the cache goes.")
-    recipe.output_dir = str(Path(recipe.output_dir).resolve())
-    check_paths(recipe, [spec], features=False)
-    vision_dir = prepare_vision(recipe)
-    processor = build_processor(recipe, load_tokenizer(recipe), vision_dir)
-    tower = load_vision_tower(new_vlm_config(recipe, vision_dir, processor))
-    if recipe.vision.dtype != "auto":
-        tower.to(DTYPE[recipe.vision.dtype])
-    counts: dict[str, int] = {}
-    for split in ("train", "eval"):
-        path = getattr(spec.data, split)
-        if path is None:
-            continue
-        rows = load_rows(path, spec.data.format)
-        root = spec.data.image_root or str(Path(path).parent)
-        got = build_cache(
-            rows,
-            out,
-            tower,
-            processor.image_processor,
-            image_root=root,
-            batch_size=batch_size,
-            dtype=dtype,
-            source=vision_dir,
-        )
-        counts = {k: counts.get(k, 0) + v for k, v in got.items() if k != "cached_total"} | {
-            "cached_total": got["cached_total"]
-        }
-    return counts
-
-
 def run_stage(
     recipe: Recipe, stage: StageSpec, args: SFTConfig, model, processor, resume: bool | None, callbacks=None
 ) -> dict:
@@ -199,9 +156,9 @@ def run_stage(
     _record_recipe(recipe, stage_dir, resuming=checkpoint is not None)
     if checkpoint:
         logger.info("stage %s: resuming from %s", stage.name, checkpoint)
-    before = _loss_so_far(checkpoint) if checkpoint else (0.0, 0)
+    before = loss_so_far(checkpoint) if checkpoint else (0.0, 0)
     trainer.loss_before = before
-    done = _finished_checkpoint(checkpoint, args.max_steps)
+    done = finished_checkpoint(checkpoint, args.max_steps)
     if done is not None:
         # transformers resumed at max_steps trains one step more; the checkpoint is the final state.
         load_training_weights(trainer.model, checkpoint)
@@ -224,8 +181,8 @@ def run_stage(
     metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps, **counts}
     if not trainer.is_world_process_zero():
         return metrics
-    history = trainer.state.log_history if done is None else _history(checkpoint)
-    curve = write_loss_curve(history, stage_dir, f"stage {stage.name}")
+    logged = trainer.state.log_history if done is None else history(checkpoint)
+    curve = write_loss_curve(logged, stage_dir, f"stage {stage.name}")
     if curve is not None:
         metrics["loss_curve"] = str(curve)
         logger.info("stage %s: loss curve in %s", stage.name, curve)
@@ -246,63 +203,6 @@ def run_stage(
         logger.info("stage %s held-out:\n%s", stage.name, format_summary(summary))
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def last_complete_checkpoint(stage_dir: Path) -> str | None:
-    """The newest checkpoint that was written to the end. transformers writes trainer_state.json
-    last, so a checkpoint torn by a kill or a full disk lacks it (or holds half of it); such a dir is
-    renamed `incomplete-checkpoint-N` (kept for a look, out of transformers' way) with a warning, and
-    the one before it is taken."""
-    found = []
-    for path in stage_dir.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    for _, path in sorted(found, reverse=True):
-        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            missing.append("a complete trainer_state.json")
-        if not missing:
-            return str(path)
-        aside = path.with_name(f"incomplete-{path.name}")
-        while aside.exists():
-            aside = aside.with_name(aside.name + "-")
-        path.rename(aside)
-        logger.warning(
-            "%s is incomplete (no %s: the run died while writing it); moved to %s, resuming from the checkpoint "
-            "before it",
-            path, ", ".join(missing), aside.name,
-        )  # fmt: skip
-    return None
-
-
-def _history(checkpoint: str) -> list[dict[str, Any]]:
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("log_history", [])
-
-
-def _finished_checkpoint(checkpoint: str | None, max_steps: int) -> int | None:
-    """The steps of `checkpoint` when it already reached max_steps, else None."""
-    if not checkpoint or max_steps <= 0:
-        return None
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return state["global_step"] if state["global_step"] >= max_steps else None
-
-
-def _loss_so_far(checkpoint: str) -> tuple[float, int]:
-    """(sum of the per-step train losses, steps) up to `checkpoint`: as VLMTrainer records it, or, in a
-    checkpoint without the record, from the logged losses (each the mean since the previous log)."""
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    record = state.get("stateful_callbacks", {}).get(LOSS_KEY)
-    if record:
-        return float(record["loss_sum"]), int(record["steps"])
-    total, last = 0.0, 0
-    for entry in state.get("log_history", []):
-        if "loss" in entry and entry.get("step", 0) > last:
-            total += entry["loss"] * (entry["step"] - last)
-            last = entry["step"]
-    return total, last
 
 
 def _record_recipe(recipe: Recipe, stage_dir: Path, resuming: bool) -> None:
