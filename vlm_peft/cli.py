@@ -13,12 +13,15 @@ logger = logging.getLogger("vlm_peft")
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .training.distributed import is_main
     from .training.recipe import load_recipe
     from .training.stages import train
 
     recipe = load_recipe(args.recipe, args.set or [])
     resume = {"auto": None, "yes": True, "no": False}[args.resume]
     results = train(recipe, stage=args.stage, resume=resume, overwrite=args.overwrite)
+    if not is_main():
+        return 0  # the main process reports
     rows = [("stage", "steps", "train loss", "held-out EM", "answer-token acc", "held-out loss", "trainable")]
     for name, m in results.items():
         rows.append(
@@ -59,6 +62,23 @@ def _example_prompt(spec) -> str:
     except (ValueError, OSError, IndexError):
         text = ""
     return " ".join(text.split()) or "QUESTION"
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    from .training.distributed import launch
+
+    if nproc < 1:
+        raise SystemExit("vlm-peft: error: --nproc must be >= 1")
+    rest, skip = [], False
+    for arg in argv:  # the same command, without --nproc, in each process
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return launch(nproc, rest)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -161,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the last checkpoint (auto: when one exists)",
     )
     t.add_argument("--overwrite", action="store_true", help="retrain stages that are already done")
+    t.add_argument(
+        "--nproc", type=int, metavar="N", help="run N processes on this machine (torchrun; one per GPU, or gloo on CPU)"
+    )
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="greedy exact match and loss of an adapter dir on a dataset")
@@ -223,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         return _passthrough(command[1], argv[flags + 2 :])
     args = build_parser().parse_args(argv)
+    if args.command == "train" and args.nproc:
+        return _launch(args.nproc, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

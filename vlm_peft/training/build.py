@@ -4,8 +4,12 @@ model with the stage's LoRA and trainable parameters."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +58,10 @@ def prepare_base(recipe: Recipe, tokenizer: Any) -> str:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec))
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    _write_random_manifest(path, {"random": recipe.llm.random, "seed": recipe.seed})
+    with _built_in_place(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_random_manifest(tmp, {"random": recipe.llm.random, "seed": recipe.seed})
     logger.info("built a random %s base (%s parameters) in %s", model_type, f"{model.num_parameters():,}", path)
     return str(path)
 
@@ -89,13 +94,29 @@ def prepare_vision(recipe: Recipe) -> str:
     if not _reuse_random(path, made_from, "vision.random"):
         torch.manual_seed(recipe.seed + 1)
         model = build_vision_model(recipe.vision.random)
-        model.save_pretrained(path)
-        tiny_image_processor(model.config.image_size).save_pretrained(path)
-        _write_random_manifest(path, made_from)
+        with _built_in_place(path) as tmp:
+            model.save_pretrained(tmp)
+            tiny_image_processor(model.config.image_size).save_pretrained(tmp)
+            _write_random_manifest(tmp, made_from)
     return str(path)
 
 
 RANDOM_MANIFEST = "vlm_peft_random.json"
+
+
+@contextlib.contextmanager
+def _built_in_place(path: Path) -> Iterator[Path]:
+    """A dir written under a temporary name and renamed into place whole: a process that dies while
+    writing leaves no half a model that a later run would take for the built one."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if path.exists():  # a dir without manifest, from a run that died before this fix
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_random_manifest(path: Path, made_from: dict) -> None:

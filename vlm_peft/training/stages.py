@@ -19,6 +19,7 @@ from ..data.rows import fit_to_length, load_rows
 from ..model.checkpoint import load_training_weights, unwrap
 from ..model.config import CONFIG_NAME
 from ..model.hooks import get_state
+from . import distributed
 from .build import (
     build_processor,
     build_stage_model,
@@ -31,6 +32,7 @@ from .build import (
 )
 from .checkpoints import finished_checkpoint, history, last_complete_checkpoint, loss_so_far
 from .curves import write_loss_curve
+from .distributed import barrier, global_batch, is_main
 from .evaluate import evaluate, format_summary
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
 from .trainer import FiniteGuard, VLMTrainer
@@ -102,6 +104,7 @@ def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
         "save_steps": 500,
         "save_total_limit": 2,
         **stage.args,
+        **distributed.trainer_args(recipe),
         "output_dir": str(recipe.stage_dir(stage.name)),
         "learning_rate": stage.lr.projector,
         "remove_unused_columns": False,
@@ -150,10 +153,17 @@ def run_stage(
         callbacks,
         features,
     )
-    checkpoint = last_complete_checkpoint(stage_dir) if stage_dir.is_dir() and resume is not False else None
+    find = resume is not False and stage_dir.is_dir()
+    # The main process moves torn checkpoints aside first; the others then find the same one.
+    checkpoint = last_complete_checkpoint(stage_dir) if find and is_main() else None
+    barrier()
+    if find and not is_main():
+        checkpoint = last_complete_checkpoint(stage_dir)
     if resume and checkpoint is None:
         logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
-    _record_recipe(recipe, stage_dir, resuming=checkpoint is not None)
+    if is_main():
+        _record_recipe(recipe, stage_dir, resuming=checkpoint is not None)
+    logger.info("stage %s: global batch %s", stage.name, global_batch(args))
     if checkpoint:
         logger.info("stage %s: resuming from %s", stage.name, checkpoint)
     before = loss_so_far(checkpoint) if checkpoint else (0.0, 0)
@@ -178,10 +188,18 @@ def run_stage(
         # The whole stage's mean: transformers' covers only the steps of this run after a resume.
         train_loss = (before[0] + result.training_loss * (steps - before[1])) / max(steps, 1)
     trainer.save_model(str(stage_dir))
+    barrier()  # the stage dir is whole before any process goes on
     metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps, **counts}
-    if not trainer.is_world_process_zero():
-        return metrics
-    logged = trainer.state.log_history if done is None else history(checkpoint)
+    if is_main():
+        _evaluate_and_record(trainer, stage, processor, eval_rows, checkpoint if done is not None else None, metrics)
+    barrier()  # evaluation runs on the main process (DDP holds whole weights everywhere)
+    return metrics
+
+
+def _evaluate_and_record(trainer, stage: StageSpec, processor, eval_rows, finished: str | None, metrics: dict) -> None:
+    """Loss curve, held-out evaluation and metrics.json (written last: it marks the stage done)."""
+    stage_dir = Path(trainer.args.output_dir)
+    logged = trainer.state.log_history if finished is None else history(finished)
     curve = write_loss_curve(logged, stage_dir, f"stage {stage.name}")
     if curve is not None:
         metrics["loss_curve"] = str(curve)
@@ -202,7 +220,6 @@ def run_stage(
             handle.writelines(json.dumps(p) + "\n" for p in predictions)
         logger.info("stage %s held-out:\n%s", stage.name, format_summary(summary))
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
 
 
 def _record_recipe(recipe: Recipe, stage_dir: Path, resuming: bool) -> None:
@@ -260,12 +277,17 @@ def train(
         recipe.stage(stage)  # fail fast on a wrong name
     # Saved configs name the base and the tower by path: make them work from any directory.
     recipe.output_dir = str(Path(recipe.output_dir).resolve())
+    distributed.setup(recipe)
     configs = {s.name: sft_config(recipe, s) for s in recipe.stages}
     selected = recipe.stages if stage is None else [recipe.stage(stage)]
     # Only the stages that will run: a finished stage's data may be gone.
     check_paths(recipe, [s for s in selected if overwrite or not is_complete(recipe.stage_dir(s.name))])
     check_projector_width(recipe)
     tokenizer = load_tokenizer(recipe)
+    if is_main():  # a random base / tower is built once, then read by every process
+        prepare_base(recipe, tokenizer)
+        prepare_vision(recipe)
+    barrier()
     base = prepare_base(recipe, tokenizer)
     vision_dir = prepare_vision(recipe)
     processor = build_processor(recipe, tokenizer, vision_dir)
@@ -286,8 +308,9 @@ def train(
             raise RecipeError(
                 f"stage {spec.name} starts from stage {recipe.stages[index - 1].name}, which has not run."
             )
-        if overwrite and stage_dir.exists():
+        if overwrite and stage_dir.exists() and is_main():
             shutil.rmtree(stage_dir)
+        barrier()
         later = [s.name for s in recipe.stages[index + 1 :] if is_complete(recipe.stage_dir(s.name))]
         if later:
             logger.warning(
