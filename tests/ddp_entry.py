@@ -1,0 +1,20 @@
+"""`vlm-peft` under torchrun for the distributed tests; VLM_PEFT_TEST_SLOW_SAVE=S makes rank 0's adapter
+saves S seconds late, so that a process that does not wait for them fails."""
+
+import os
+import sys
+import time
+
+from vlm_peft.cli import main
+from vlm_peft.training import trainer as trainer_module
+
+if os.environ.get("VLM_PEFT_TEST_SLOW_SAVE") and os.environ.get("RANK") == "0":
+    original = trainer_module.save_adapter
+
+    def late_save(*args, **kwargs):
+        time.sleep(float(os.environ["VLM_PEFT_TEST_SLOW_SAVE"]))
+        return original(*args, **kwargs)
+
+    trainer_module.save_adapter = late_save
+
+sys.exit(main(sys.argv[1:]))
