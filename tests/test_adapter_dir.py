@@ -202,8 +202,11 @@ def lora_dir(llm, vlm_cfg, processor, tmp_path):
         ("truncate projector, no checksums", ValueError, r"projector.safetensors is not a readable safetensors file"),
         ("flip a byte of the projector", ValueError, r"projector.safetensors changed since it was saved"),
         ("remove adapter_model", FileNotFoundError, r"adapter_model.safetensors is missing"),
-        ("remove adapter_config", FileNotFoundError, r"adapter_config.json is missing beside adapter_model"),
+        ("remove adapter_config", FileNotFoundError, r"adapter_config.json is missing"),
+        ("remove adapter_config, no checksums", FileNotFoundError, r"adapter_config.json is missing beside adapter_mo"),
         ("flip a byte of the LoRA", ValueError, r"adapter_model.safetensors changed since it was saved"),
+        ("half of adapter_config, no checksums", ValueError, r"adapter_config.json is not valid JSON"),
+        ("half of adapter_config", ValueError, r"adapter_config.json changed since it was saved"),
     ],
 )
 def test_damaged_adapter_dirs_name_the_file(lora_dir, damage, error, match):
@@ -219,6 +222,9 @@ def test_damaged_adapter_dirs_name_the_file(lora_dir, damage, error, match):
         target.write_bytes(bytes(data))
     elif damage == "remove adapter_model":
         target.unlink()
+    elif damage.startswith("half of adapter_config"):
+        config = directory / "adapter_config.json"
+        config.write_text(config.read_text()[:40])
     else:
         (directory / "adapter_config.json").unlink()
     if "no checksums" in damage:
@@ -234,4 +240,5 @@ def test_saved_checksums_cover_the_tensor_files(lora_dir):
 
     directory, _ = lora_dir
     saved = json.loads((directory / "vlm_config.json").read_text())["checksums"]
-    assert saved == {name: sha256(directory / name) for name in (PROJECTOR_FILE, "adapter_model.safetensors")}
+    names = (PROJECTOR_FILE, "adapter_model.safetensors", "adapter_config.json", "vision/model.safetensors")
+    assert saved == {name: sha256(directory / name) for name in names}  # the tiny tower is random: saved too

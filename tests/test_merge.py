@@ -179,16 +179,26 @@ def test_merge_overwrite_killed_mid_swap_leaves_or_restores_a_complete_model(ada
 
 
 def test_a_full_disk_during_merge_is_a_clean_cli_error(adapter, tmp_path, monkeypatch, caplog):
-    import errno
+
+    from safetensors import SafetensorError
 
     from vlm_peft.cli import main
     from vlm_peft.serving import merge as merge_module
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(args[1] if len(args) > 1 else ""))
+    def full(*args, **kwargs):  # what safetensors raises on a full disk: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(merge_module, "save_file", full)
     with caplog.at_level(logging.ERROR):
         assert main(["merge", str(adapter), str(tmp_path / "merged")]) == 2
     assert "No space left on device" in caplog.text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")] and not (tmp_path / "merged").exists()
+
+
+def test_merge_overwrite_onto_a_link_replaces_the_link(adapter, tmp_path):
+    real = merge(adapter, tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    out = merge(adapter, link, overwrite=True)
+    assert not out.is_symlink() and _text_model_ok(out) and _text_model_ok(real)  # the link's target is kept
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

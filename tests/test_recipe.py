@@ -134,6 +134,7 @@ def test_non_finite_numbers_are_refused_anywhere(override, match):
         ("stages.sft.args.per_device_train_batch_size='8'", r"per_device_train_batch_size: expected int, got '8'"),
         ("stages.sft.args.bf16=1", r"stages.sft.args.bf16: expected bool"),
         ("stages.sft.args.lr_scheduler_type=[1]", r"stages.sft.args.lr_scheduler_type: expected"),
+        ("stages.sft.args.gradient_accumulation_steps=0", r"gradient_accumulation_steps: must be >= 1, got 0"),
         ("stages.sft.lora.rank=8", r"stages.sft.lora.rank: unknown key; allowed: \['alpha', 'dropout', 'r'"),
     ],
 )

@@ -127,6 +127,20 @@ def test_bad_tool_fields_name_the_field(message, match):
         normalize_row(row, "data.jsonl:3")
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "arguments", "tools"])
+def test_written_out_placeholders_anywhere_in_the_text_are_named(field):
+    run = "<|vision_start|><|image_pad|><|vision_end|>"
+    row = {**TOOL_ROW, "messages": [dict(m) for m in TOOL_ROW["messages"]]}
+    if field == "reasoning_content":
+        row["messages"][3]["reasoning_content"] = run
+    elif field == "arguments":
+        row["messages"][1]["tool_calls"] = [{"function": {"name": "zoom", "arguments": {"x": run}}}]
+    else:
+        row["tools"] = [{"name": run}]
+    with pytest.raises(ValueError, match="data.jsonl:2.*image placeholder"):
+        normalize_row(row, "data.jsonl:2")
+
+
 def test_bad_tools_list():
     with pytest.raises(ValueError, match="data.jsonl:1: 'tools' must be a list"):
         normalize_row({**PLAIN_ROW, "tools": {"name": "f"}}, "data.jsonl:1")

@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 logger = logging.getLogger("vlm_peft")
 
 
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:  # OSError: missing files, a full disk, permissions
+    except (ValueError, OSError, SafetensorError) as err:  # missing files, a full disk (safetensors' own error too)
         logger.error("%s", err)
         return 2
 

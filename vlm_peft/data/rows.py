@@ -55,7 +55,7 @@ MESSAGES = datasets.List(
 PLACEHOLDER_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 
 
-def _text_part(text: str, where: str) -> dict[str, Any]:
+def _no_placeholders(text: str, where: str) -> str:
     for token in PLACEHOLDER_TOKENS:
         if token in text:
             raise ValueError(
@@ -63,7 +63,11 @@ def _text_part(text: str, where: str) -> dict[str, Any]:
                 "where the image goes instead (`vlm-peft data convert` turns <image> markers and written-out "
                 "<|vision_start|><|image_pad|><|vision_end|> runs into image parts)."
             )
-    return {"type": "text", "text": text}
+    return text
+
+
+def _text_part(text: str, where: str) -> dict[str, Any]:
+    return {"type": "text", "text": _no_placeholders(text, where)}
 
 
 def _parts(content: Any, where: str) -> list[dict[str, Any]]:
@@ -105,7 +109,7 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]] | None:
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise ValueError(f"{here}: needs a function name ({{'function': {{'name': …, 'arguments': …}}}}).")
-        arguments = _arguments(function.get("arguments", {}), f"{here}.function")
+        arguments = _no_placeholders(_arguments(function.get("arguments", {}), f"{here}.function"), here)
         out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
     return out or None
 
@@ -120,7 +124,7 @@ def _tools(tools: Any, where: str) -> str | None:
             raise ValueError(f"{where}: 'tools' is a string but not JSON: {err}") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ValueError(f"{where}: 'tools' must be a list of function schemas (objects).")
-    return json.dumps(tools, ensure_ascii=False) if tools else None
+    return _no_placeholders(json.dumps(tools, ensure_ascii=False), f"{where}: tools") if tools else None
 
 
 def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -145,6 +149,8 @@ def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
             raise ValueError(f"{here}: only assistant turns carry tool_calls or reasoning_content.")
         if reasoning is not None and not isinstance(reasoning, str):
             raise ValueError(f"{here}.reasoning_content: must be a string, got {type(reasoning).__name__}.")
+        if reasoning is not None:
+            _no_placeholders(reasoning, f"{here}.reasoning_content")
         if calls:
             entry["tool_calls"] = calls
         if reasoning is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,13 @@ def verify_dir(directory: Path, cfg: VLMConfig) -> None:
                 "damaged or was edited; re-save or retrain it."
             )
     has_config, has_weights = (directory / LORA_CONFIG).is_file(), (directory / LORA_FILE).is_file()
+    if has_config:
+        try:
+            json.loads((directory / LORA_CONFIG).read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{directory / LORA_CONFIG} is not valid JSON ({err}): it is damaged; re-save it."
+            ) from None
     if has_config != has_weights:
         missing, present = (LORA_FILE, LORA_CONFIG) if has_config else (LORA_CONFIG, LORA_FILE)
         raise FileNotFoundError(
@@ -155,7 +163,9 @@ def save_adapter(model: nn.Module, directory: str | Path, processor: Any = None)
         model.save_pretrained(out)
     weights = {k: v.detach().contiguous().cpu() for k, v in active_projector(llm).state_dict().items()}
     save_file(weights, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
-    written = [PROJECTOR_FILE, *([LORA_FILE] if isinstance(model, PeftModel) else [])]
+    written = [PROJECTOR_FILE, *([LORA_FILE, LORA_CONFIG] if isinstance(model, PeftModel) else [])]
+    if state.vision.source is None:  # a random tower, saved here
+        written += [f"{VISION_DIR}/{p.name}" for p in sorted((out / VISION_DIR).glob("*.safetensors"))]
     cfg = dataclasses.replace(cfg, checksums={name: sha256(out / name) for name in written})
     cfg.save_pretrained(out)  # last: its checksums vouch for the files written before it
     if processor is not None:

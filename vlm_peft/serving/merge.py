@@ -156,7 +156,7 @@ def merge(
         if not out.exists():
             tmp.rename(out)
         elif exchange(tmp, out):
-            shutil.rmtree(tmp)  # the old model, now under the temporary name
+            remove(tmp)  # the old model (or a link OUT was), now under the temporary name
         else:  # two renames; a merge dying between them is repaired by the next one (_recover)
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(trash)

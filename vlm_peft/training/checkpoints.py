@@ -31,7 +31,7 @@ def last_complete_checkpoint(stage_dir: Path) -> str | None:
         try:
             json.loads((path / "trainer_state.json").read_text())
         except (OSError, ValueError):
-            missing.append("a complete trainer_state.json")
+            missing.append("complete trainer_state.json")
         if not missing:
             return str(path)
         aside = path.with_name(f"incomplete-{path.name}")

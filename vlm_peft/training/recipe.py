@@ -40,6 +40,8 @@ RESERVED_ARGS = {
     "use_cpu": "vlm-peft sets it: on a machine without CUDA, runs of several processes use gloo",
     "ddp_timeout": "set distributed.timeout",
 }
+# SFTConfig counts that transformers divides by (0 fails mid-run).
+POSITIVE_ARGS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 # Stage dirs sit beside these under output_dir.
 RESERVED_STAGE_NAMES = ("base", "vision", "data")
 
@@ -285,6 +287,8 @@ def _check_args(args: dict[str, Any], path: str) -> None:
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise RecipeError(f"{path}.{key}: not an SFTConfig argument{hint}.")
         args[key] = _convert(args[key], hints[key], f"{path}.{key}")
+        if key in POSITIVE_ARGS and isinstance(args[key], int) and args[key] < 1:
+            raise RecipeError(f"{path}.{key}: must be >= 1, got {args[key]}.")
 
 
 def validate(recipe: Recipe) -> Recipe:
