@@ -163,7 +163,7 @@ def run_stage(
         logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
     if is_main():
         _record_recipe(recipe, stage_dir, resuming=checkpoint is not None)
-    logger.info("stage %s: global batch %s", stage.name, global_batch(args))
+        logger.info("stage %s: global batch %s", stage.name, global_batch(args))
     if checkpoint:
         logger.info("stage %s: resuming from %s", stage.name, checkpoint)
     before = loss_so_far(checkpoint) if checkpoint else (0.0, 0)
