@@ -138,3 +138,15 @@ def test_training_from_the_cache_equals_training_from_images(tmp_path, monkeypat
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     assert (cached.stage_dir("align") / "metrics.json").is_file()
+
+
+def test_unreadable_or_oversized_images_name_their_row(rows, tower, processor, tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "2.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"d.jsonl:3: image '2.png' cannot be read"):
+        build_cache(rows, tmp_path / "cache", tower, processor.image_processor, image_root=tmp_path)
+    make_image((1, 2, 3), size=(40, 30)).save(tmp_path / "2.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # every test image is 1,200+ pixels
+    with pytest.raises(ValueError, match=r"d.jsonl:1: image <bytes> is 40x30 = 1,200 pixels, over the limit"):
+        build_cache(rows, tmp_path / "cache", tower, processor.image_processor, image_root=tmp_path)

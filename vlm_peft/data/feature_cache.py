@@ -10,7 +10,6 @@ interrupted run resumes with the shards it finished.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 from ..atomic import remove, stale_temporaries
 from ..model.vision import VisionTower
 from .processor import to_rgb
+from .rows import WHERE, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -141,22 +140,30 @@ def build_cache(
             "shards": [],
             "entries": {},
         }
-    todo: dict[str, bytes] = {}
+    todo: dict[str, tuple[bytes, str]] = {}
     seen = 0
-    for row in tqdm(rows, desc="hashing images", unit="row"):
+    for i, row in enumerate(tqdm(rows, desc="hashing images", unit="row")):
+        where = row.get(WHERE) or f"row {i}"
         for ref in row.get("images") or []:
-            data = image_bytes(ref, image_root)
+            try:
+                data = image_bytes(ref, image_root)
+            except OSError as err:
+                raise FileNotFoundError(
+                    f"{where}: image {ref!r} cannot be read ({err}; image root: {image_root})."
+                ) from None
             seen += 1
             digest = content_hash(data)
             if digest not in index["entries"]:
-                todo.setdefault(digest, data)
+                todo.setdefault(digest, (data, where))
     pending = list(todo.items())
     bar = tqdm(total=len(pending), desc="encoding images", unit="img")
     for start in range(0, len(pending), shard_size):
         chunk = pending[start : start + shard_size]
         feats = []
         for b in range(0, len(chunk), batch_size):
-            images = [to_rgb(Image.open(io.BytesIO(data))) for _, data in chunk[b : b + batch_size]]
+            # As training opens them: a broken or oversized image names its row.
+            images = [to_rgb(open_image({"bytes": data, "path": None}, None, where)) for _, (data, where) in
+                      chunk[b : b + batch_size]]  # fmt: skip
             pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
             feats.append(tower(pixels).to(DTYPES[dtype]).cpu())
             bar.update(len(images))
