@@ -1,5 +1,6 @@
-"""`vlm-peft` under torchrun for the distributed tests; VLM_PEFT_TEST_SLOW_SAVE=S makes rank 0's adapter
-saves S seconds late, so that a process that does not wait for them fails."""
+"""`vlm-peft` under torchrun for the distributed tests. VLM_PEFT_TEST_SLOW_SAVE=S makes rank 0's adapter
+saves S seconds late, so that a process that does not wait for them fails; VLM_PEFT_TEST_DIE_AT=STAGE:N
+kills rank 0 right after it wrote stage STAGE's checkpoint at step N (torchrun then stops the others)."""
 
 import os
 import sys
@@ -16,5 +17,17 @@ if os.environ.get("VLM_PEFT_TEST_SLOW_SAVE") and os.environ.get("RANK") == "0":
         return original(*args, **kwargs)
 
     trainer_module.save_adapter = late_save
+
+if os.environ.get("VLM_PEFT_TEST_DIE_AT"):
+    from vlm_peft.training import stages
+
+    stage, step = os.environ["VLM_PEFT_TEST_DIE_AT"].split(":")
+
+    class DiesAfterSave(stages.FiniteGuard):
+        def on_save(self, args, state, control, **kwargs):
+            if self.stage == stage and state.global_step == int(step) and os.environ.get("RANK") == "0":
+                os._exit(3)
+
+    stages.FiniteGuard = DiesAfterSave
 
 sys.exit(main(sys.argv[1:]))

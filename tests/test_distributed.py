@@ -87,6 +87,19 @@ def test_ddp_two_ranks_equal_one_process_and_each_shared_file_has_one_writer(tmp
     assert json.loads((two / "base" / "vlm_peft_random.json").read_text())["seed"] == 0
     assert done.stdout.count("stage  steps") == 1  # one report, from the main process
 
+    # Rank 0 killed right after writing sft's checkpoint-2 (torchrun stops the other), then rerun: the
+    # resumed run ends bit-identical to the uninterrupted one.
+    three = tmp_path / "three"
+    killed = settings(three, shapes, 4, "stages.sft.args.save_steps=2")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_PEFT_TEST_DIE_AT": "sft:2"}
+    dead = subprocess.run([*launcher, str(ROOT / "tests" / "ddp_entry.py"), "train", "recipes/demo.yaml", *killed],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    assert dead.returncode != 0 and not (three / "sft" / "metrics.json").exists()
+    resumed = torchrun("train", "recipes/demo.yaml", *killed)
+    assert f"resuming from {three / 'sft' / 'checkpoint-2'}" in resumed.stderr
+    assert max_diff(weights(two / "sft"), weights(three / "sft")) == 0.0
+
 
 def text_or_image_rows(shapes: Path, out: Path) -> Path:
     """Image rows and text-only rows in turn: in order and one row per device, one rank gets text only."""
