@@ -1,6 +1,7 @@
 """`vlm-peft` under torchrun for the distributed tests. VLM_PEFT_TEST_SLOW_SAVE=S makes rank 0's adapter
 saves S seconds late, so that a process that does not wait for them fails; VLM_PEFT_TEST_DIE_AT=STAGE:N
-kills rank 0 right after it wrote stage STAGE's checkpoint at step N (torchrun then stops the others)."""
+kills rank 0 right after it wrote stage STAGE's checkpoint at step N (torchrun then stops the others);
+VLM_PEFT_TEST_SLOW_EVAL=S makes the main process's evaluation S seconds longer."""
 
 import os
 import sys
@@ -17,6 +18,17 @@ if os.environ.get("VLM_PEFT_TEST_SLOW_SAVE") and os.environ.get("RANK") == "0":
         return original(*args, **kwargs)
 
     trainer_module.save_adapter = late_save
+
+if os.environ.get("VLM_PEFT_TEST_SLOW_EVAL"):
+    from vlm_peft.training import stages
+
+    evaluate_and_record = stages._evaluate_and_record
+
+    def late_evaluation(*args, **kwargs):
+        time.sleep(float(os.environ["VLM_PEFT_TEST_SLOW_EVAL"]))
+        return evaluate_and_record(*args, **kwargs)
+
+    stages._evaluate_and_record = late_evaluation
 
 if os.environ.get("VLM_PEFT_TEST_DIE_AT"):
     from vlm_peft.training import stages

@@ -290,3 +290,17 @@ def test_detach_removes_the_input_grad_hook_peft_added(llm, vlm_cfg):
     assert model.get_input_embeddings()._forward_hooks
     restored = detach(model)
     assert not restored.get_input_embeddings()._forward_hooks
+
+
+def test_the_idle_projector_cannot_overflow_into_nan(llm, vlm_cfg, tokenizer):
+    # Each output fits fp16 but their sum does not: zeroing before summing keeps the embeddings finite.
+    import dataclasses
+
+    cfg = dataclasses.replace(vlm_cfg, projector="linear", num_image_tokens=16)
+    model = attach(llm.half(), cfg).train()
+    with torch.no_grad():
+        getattr(model, PROJECTOR_ATTR).proj.bias.fill_(1000.0)
+    from vlm_peft.model.hooks import embed_with_idle_projector
+
+    ids = tokenizer(["What is this?"], return_tensors="pt")["input_ids"]
+    assert torch.isfinite(embed_with_idle_projector(model, ids)).all()

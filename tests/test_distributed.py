@@ -76,7 +76,9 @@ def test_ddp_two_ranks_equal_one_process_and_each_shared_file_has_one_writer(tmp
     run([sys.executable, "-m", "vlm_peft.cli", "train", "recipes/demo.yaml", *settings(one, shapes, 8)])
     two = tmp_path / "two"
     # Rank 0 saves late: a process that walked on to the next stage without waiting would find no adapter.
-    done = torchrun("train", "recipes/demo.yaml", *settings(two, shapes, 4), env={"VLM_PEFT_TEST_SLOW_SAVE": "3"})
+    # Its evaluation outlasts distributed.timeout: the others wait for it without a timed collective.
+    slow = {"VLM_PEFT_TEST_SLOW_SAVE": "3", "VLM_PEFT_TEST_SLOW_EVAL": "11"}
+    done = torchrun("train", "recipes/demo.yaml", *settings(two, shapes, 4, "distributed.timeout=8"), env=slow)
     assert "global batch 8 (4 per device x 2 processes x 1 accumulation)" in done.stderr
     for stage in ("align", "sft"):
         diff = max_diff(weights(one / stage), weights(two / stage))

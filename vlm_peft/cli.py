@@ -248,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         return _passthrough(command[1], argv[flags + 2 :])
     args = build_parser().parse_args(argv)
-    if args.command == "train" and args.nproc:
-        return _launch(args.nproc, argv)
+    if args.command == "train" and args.nproc is not None:
+        try:
+            return _launch(args.nproc, argv)
+        except ValueError as err:
+            logger.error("%s", err)
+            return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

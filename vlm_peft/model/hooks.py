@@ -125,7 +125,7 @@ def embed_with_idle_projector(llm: nn.Module, input_ids: torch.Tensor) -> torch.
         torch.full((1, cfg.num_image_tokens), cfg.image_token_id, device=input_ids.device)
     )
     idle = projector(features, query.to(weight.dtype))
-    return embeds + 0.0 * idle.sum().to(embeds.dtype)
+    return embeds + (idle * 0.0).sum().to(embeds.dtype)  # zeroed before the sum: a large sum overflows fp16
 
 
 def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
+from ..atomic import remove, stale_temporaries
 from ..data.processor import VLMProcessor
 from ..model.attach import attach
 from ..model.checkpoint import unwrap
@@ -108,6 +110,8 @@ RANDOM_MANIFEST = "vlm_peft_random.json"
 def _built_in_place(path: Path) -> Iterator[Path]:
     """A dir written under a temporary name and renamed into place whole: a process that dies while
     writing leaves no half a model that a later run would take for the built one."""
+    for stale, _ in stale_temporaries(path.parent, rf"\.{re.escape(path.name)}\.partial-(\d+)"):
+        remove(stale)  # from a run killed while building
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

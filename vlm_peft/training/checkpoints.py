@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .distributed import world_size
 from .trainer import LOSS_KEY
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,9 @@ def last_complete_checkpoint(stage_dir: Path) -> str | None:
         if match and path.is_dir():
             found.append((int(match.group(1)), path))
     for _, path in sorted(found, reverse=True):
-        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        # Under several processes each writes its own RNG state, with no barrier before trainer_state.json.
+        ranks = [f"rng_state_{r}.pth" for r in range(world_size())] if world_size() > 1 else []
+        missing = [name for name in (*CHECKPOINT_FILES, *ranks) if not (path / name).is_file()]
         try:
             json.loads((path / "trainer_state.json").read_text())
         except (OSError, ValueError):

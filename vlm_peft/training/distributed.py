@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,10 +40,23 @@ def setup(recipe: Recipe) -> None:
         )
     if strategy != "ddp":
         raise RecipeError(f"distributed.strategy: {strategy!r} is not supported yet; use ddp.")
+    for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        if os.environ.get(flag, "false").lower() == "true":
+            raise RecipeError(
+                f"distributed.strategy: ddp, but the launcher set {flag} (an accelerate config with FSDP/DeepSpeed); "
+                "launch with a plain multi-process config, or torchrun."
+            )
     from accelerate import PartialState
 
     # On a machine without CUDA the processes talk over gloo (transformers needs use_cpu for that).
-    PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=recipe.distributed.timeout))
+    state = PartialState(
+        cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=recipe.distributed.timeout)
+    )
+    if state.num_processes != world_size():
+        raise RecipeError(
+            f"WORLD_SIZE is {world_size()} but {state.num_processes} process(es) joined (LOCAL_RANK / RANK / "
+            "MASTER_ADDR missing?); start the processes with torchrun, accelerate launch or vlm-peft train --nproc."
+        )
 
 
 def trainer_args(recipe: Recipe) -> dict[str, Any]:
@@ -69,10 +84,19 @@ def barrier() -> None:
         PartialState().wait_for_everyone()
 
 
+def wait_for_file(path: Path, poll: float = 1.0) -> None:
+    """Wait, holding no collective, until the main process writes `path`: for work it does alone that may
+    outlast distributed.timeout (evaluation). If the main process dies, the launcher stops this one."""
+    while not path.exists():
+        time.sleep(poll)
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """`vlm-peft train … --nproc N`: rerun the same command under torchrun with N processes on this node."""
     if world_size() > 1:
         raise RecipeError("--nproc is for starting a run; this process is already one of several.")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise RecipeError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s); one process per GPU.")
     if shutil.which("torchrun") is None and not _has_torchrun_module():
         raise RecipeError("--nproc needs torch's torchrun, which is not installed here.")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

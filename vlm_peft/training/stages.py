@@ -32,7 +32,7 @@ from .build import (
 )
 from .checkpoints import finished_checkpoint, history, last_complete_checkpoint, loss_so_far
 from .curves import write_loss_curve
-from .distributed import barrier, global_batch, is_main
+from .distributed import barrier, global_batch, is_main, wait_for_file
 from .evaluate import evaluate, format_summary
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
 from .trainer import FiniteGuard, VLMTrainer
@@ -192,7 +192,9 @@ def run_stage(
     metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps, **counts}
     if is_main():
         _evaluate_and_record(trainer, stage, processor, eval_rows, checkpoint if done is not None else None, metrics)
-    barrier()  # evaluation runs on the main process (DDP holds whole weights everywhere)
+    else:  # evaluation runs on the main process (DDP holds whole weights everywhere), for as long as it takes
+        wait_for_file(stage_dir / "metrics.json")
+    barrier()
     return metrics
 
 
