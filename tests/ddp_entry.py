@@ -8,31 +8,27 @@ import sys
 import time
 
 from vlm_peft.cli import main
+from vlm_peft.training import stages
 from vlm_peft.training import trainer as trainer_module
 
-if os.environ.get("VLM_PEFT_TEST_SLOW_SAVE") and os.environ.get("RANK") == "0":
-    original = trainer_module.save_adapter
 
-    def late_save(*args, **kwargs):
-        time.sleep(float(os.environ["VLM_PEFT_TEST_SLOW_SAVE"]))
+def late(module, name: str, variable: str) -> None:
+    """Make `module.name` start `$variable` seconds late."""
+    original, seconds = getattr(module, name), float(os.environ[variable])
+
+    def delayed(*args, **kwargs):
+        time.sleep(seconds)
         return original(*args, **kwargs)
 
-    trainer_module.save_adapter = late_save
+    setattr(module, name, delayed)
 
+
+if os.environ.get("VLM_PEFT_TEST_SLOW_SAVE") and os.environ.get("RANK") == "0":
+    late(trainer_module, "save_adapter", "VLM_PEFT_TEST_SLOW_SAVE")
 if os.environ.get("VLM_PEFT_TEST_SLOW_EVAL"):
-    from vlm_peft.training import stages
-
-    evaluate_and_record = stages._evaluate_and_record
-
-    def late_evaluation(*args, **kwargs):
-        time.sleep(float(os.environ["VLM_PEFT_TEST_SLOW_EVAL"]))
-        return evaluate_and_record(*args, **kwargs)
-
-    stages._evaluate_and_record = late_evaluation
+    late(stages, "_evaluate_and_record", "VLM_PEFT_TEST_SLOW_EVAL")
 
 if os.environ.get("VLM_PEFT_TEST_DIE_AT"):
-    from vlm_peft.training import stages
-
     stage, step = os.environ["VLM_PEFT_TEST_DIE_AT"].split(":")
 
     class DiesAfterSave(stages.FiniteGuard):
