@@ -267,7 +267,7 @@ def test_missing_recipe_paths_are_recipe_errors_before_any_model(tmp_path, shape
 
 
 def test_hub_ids_are_not_taken_for_missing_paths():
-    from vlm_peft.training.stages import is_hub_id
+    from vlm_peft.training.preflight import is_hub_id
 
     assert is_hub_id("Qwen/Qwen3-0.6B") and is_hub_id("gpt2") and is_hub_id("openai/clip-vit-base-patch16")
     assert not any(map(is_hub_id, ["runs/a/tok", "/abs/tok", "./tok", "../tok", "~/tok", "a/../b", "a--b/c"]))

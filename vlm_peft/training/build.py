@@ -68,25 +68,6 @@ def prepare_base(recipe: Recipe, tokenizer: Any) -> str:
     return str(path)
 
 
-def check_projector_width(recipe: Recipe) -> None:
-    """The cross-attention projector works at the LLM's width: its heads must divide it. Read from the
-    config alone (no weights), so a bad value fails before anything is built."""
-    heads = recipe.projector.heads
-    if recipe.projector.kind != "cross_attention":
-        return
-    if recipe.llm.random is not None:
-        spec = dict(recipe.llm.random)
-        hidden = AutoConfig.for_model(spec.pop("model_type", "qwen3"), **spec).hidden_size
-    else:
-        hidden = AutoConfig.from_pretrained(recipe.llm.name_or_path).hidden_size
-    if hidden % heads:
-        fits = [h for h in range(1, min(hidden, 64) + 1) if hidden % h == 0]
-        raise RecipeError(
-            f"projector.heads: {heads} does not divide the LLM's hidden size {hidden}, the projector's width; "
-            f"use one of {fits}."
-        )
-
-
 def prepare_vision(recipe: Recipe) -> str:
     """The vision tower's dir (a random one is built once and saved, with its image processor)."""
     if recipe.vision.name_or_path is not None:

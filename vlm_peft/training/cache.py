@@ -8,8 +8,8 @@ from ..data.feature_cache import build_cache
 from ..data.rows import load_rows
 from ..model.vision import load_vision_tower
 from .build import DTYPE, build_processor, load_tokenizer, new_vlm_config, prepare_vision
+from .preflight import check_paths
 from .recipe import Recipe, RecipeError
-from .stages import check_paths
 
 
 def cache_stage_features(
