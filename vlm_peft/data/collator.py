@@ -9,7 +9,7 @@ import torch
 
 from .feature_cache import FeatureCache
 from .processor import VLMProcessor
-from .rows import WHERE, open_image, row_tools, with_images
+from .rows import WHERE, group_indices, open_image, row_tools, with_images
 
 IGNORE_INDEX = -100
 
@@ -29,9 +29,7 @@ def encode_chats(
     tools, padded to one length on `padding_side` and put back in order (images too: pixel_values
     stay in reading order, as the splice expects). `tools` holds each row's JSON string or None.
     """
-    groups: dict[str | None, list[int]] = {}
-    for i, key in enumerate(tools):
-        groups.setdefault(key, []).append(i)
+    groups = group_indices(tools)
     processor_kwargs = {**(processor_kwargs or {}), "padding": True, "padding_side": padding_side}
 
     def encode(key: str | None, rows: list[int]) -> dict[str, torch.Tensor]:

@@ -306,6 +306,15 @@ def with_images(messages: list[dict[str, Any]], images: list[Image.Image]) -> li
     return out
 
 
+def group_indices(keys: list[Any]) -> dict[Any, list[int]]:
+    """Positions by key, in first-seen order: transformers renders one `tools` per chat-template call,
+    so rows are rendered in groups of equal tools and put back in order."""
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
 def measure_conversations(
     processor: Any, conversations: list[list[dict[str, Any]]], tools: list[str | None]
 ) -> list[tuple[int, int, int]]:
@@ -313,9 +322,7 @@ def measure_conversations(
     first supervised token); `tools` holds each row's JSON string or None."""
     tokenizer = processor.tokenizer
     end_id = tokenizer.convert_tokens_to_ids(processor.vision_end_token)
-    groups: dict[Any, list[int]] = {}
-    for i, key in enumerate(tools):
-        groups.setdefault(key, []).append(i)
+    groups = group_indices(tools)
     out: list[tuple[int, int, int]] = [(0, 0, 0)] * len(conversations)
     for key, members in groups.items():  # one `tools` per call, as the collator renders them
         encoded = tokenizer.apply_chat_template(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -97,20 +96,10 @@ def launch(nproc: int, argv: list[str]) -> int:
         raise RecipeError("--nproc is for starting a run; this process is already one of several.")
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise RecipeError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s); one process per GPU.")
-    if shutil.which("torchrun") is None and not _has_torchrun_module():
-        raise RecipeError("--nproc needs torch's torchrun, which is not installed here.")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "vlm_peft.cli", *argv]  # fmt: skip
     logger.info("launching: %s", " ".join(command))
     return subprocess.call(command)
-
-
-def _has_torchrun_module() -> bool:
-    try:
-        import torch.distributed.run  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def global_batch(args: Any) -> str:

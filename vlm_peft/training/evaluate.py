@@ -12,7 +12,7 @@ import torch
 
 from ..data.collator import IGNORE_INDEX, VLMCollator, encode_chats
 from ..data.processor import VLMProcessor
-from ..data.rows import WHERE, open_image, row_tools, with_images
+from ..data.rows import WHERE, group_indices, open_image, row_tools, with_images
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +86,13 @@ def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_token
     long_targets = False
     for start in range(0, len(rows), batch_size):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        # Rows whose answer has reasoning are prompted in thinking mode, as they were trained.
-        groups: dict[tuple[Any, bool], list[int]] = {}
         conversations = []
         for offset, row in enumerate(batch):
             where = row.get(WHERE) or f"row {start + offset}"
             images = [open_image(ref, image_root, where) for ref in row.get("images") or []]
             conversations.append(with_images(row["messages"], images))
-            groups.setdefault((row.get("tools"), _thinks(row["messages"][-1])), []).append(offset)
+        # Rows whose answer has reasoning are prompted in thinking mode, as they were trained.
+        groups = group_indices([(row.get("tools"), _thinks(row["messages"][-1])) for row in batch])
         texts: list[str] = [""] * len(batch)
         for (tools, think), members in groups.items():
             inputs = encode_chats(
