@@ -391,7 +391,7 @@ def test_a_checkpoint_torn_at_any_write_resumes_from_the_one_before(tmp_path, sh
         return wrapped
 
     patched = {
-        "adapter files": (VLMTrainer, "_save", 1),
+        "adapter files": (VLMTrainer, "save_model", 1),
         "optimizer": (Trainer, "_save_optimizer_and_scheduler", 1),
         "rng state": (Trainer, "_save_rng_state", 1),
         "trainer_state.json": (TrainerState, "save_to_json", 1),

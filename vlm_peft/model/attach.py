@@ -23,6 +23,7 @@ from .config import VLMConfig
 from .hooks import PROJECTOR_ATTR, STATE_ATTR, VLMState, get_state, install, uninstall
 from .lora import peft_wrapping
 from .projector import CrossAttentionProjector, build_projector
+from .sharding import gathered
 from .vision import VisionTower, load_vision_tower, vision_config_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -102,7 +103,9 @@ def attach(
     if directory is not None:
         load_projector(projector, directory / PROJECTOR_FILE)
     elif isinstance(projector, CrossAttentionProjector):
-        projector.match_output_scale(embeddings.weight.detach().float().pow(2).mean().sqrt().item())
+        # Under ZeRO-3 the embedding loaded partitioned: its RMS is read whole (every process attaches).
+        with gathered([embeddings.weight]) as (weight,):
+            projector.match_output_scale(weight.float().pow(2).mean().sqrt().item())
 
     state = VLMState(config=cfg, vision=tower, had_input_grad_hook=hasattr(llm, "_require_grads_hook"))
     state.requires_grad = {name: p.requires_grad for name, p in llm.named_parameters()}

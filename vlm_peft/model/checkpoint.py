@@ -21,6 +21,7 @@ from transformers import PretrainedConfig
 
 from .config import CONFIG_NAME, VLMConfig
 from .hooks import PROJECTOR_ATTR, get_state
+from .sharding import refuse_sharded
 
 PROJECTOR_FILE = "projector.safetensors"
 LORA_FILE, LORA_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -59,6 +60,21 @@ def check_base(cfg: VLMConfig, llm_config: PretrainedConfig, source: str) -> Non
             + "; ".join(diffs)
             + ". Attach it to the base it names."
         )
+
+
+def param_role(name: str) -> str:
+    """What a parameter of an attached model is, by its name: "lora", "projector" (the one that trains and
+    is saved), "projector_copy" (PEFT's frozen `original_module` beside it) or "llm"."""
+    if "lora_" in name:
+        return "lora"
+    if PROJECTOR_ATTR in name:
+        return "projector_copy" if "original_module" in name else "projector"
+    return "llm"
+
+
+def adapter_key(name: str) -> bool:
+    """A state-dict entry that an adapter dir holds."""
+    return param_role(name) in ("lora", "projector")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -127,7 +143,8 @@ def load_projector(projector: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the adapter dir has no projector weights.")
     state = read_tensors(path)
-    expected = projector.state_dict()
+    expected = projector.state_dict(keep_vars=True)
+    refuse_sharded(expected, f"loading {path}", "load the weights before the model is sharded.")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
@@ -140,8 +157,23 @@ def load_projector(projector: nn.Module, path: Path) -> None:
     projector.load_state_dict(state, strict=True)
 
 
-def save_adapter(model: nn.Module, directory: str | Path, processor: Any = None) -> Path:
-    """Write an adapter dir for an attached model (bare or PEFT-wrapped)."""
+def save_adapter(
+    model: nn.Module, directory: str | Path, processor: Any = None, weights: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write an adapter dir for an attached model (bare or PEFT-wrapped).
+
+    `weights`: the adapter's tensors whole, by state-dict name, for a model sharded across processes
+    (FSDP, ZeRO-3): `vlm_peft.model.sharding.whole_state(model, adapter_key)` on every process, then
+    save on one. By default they are read from the model, which must hold them whole.
+    """
+    if weights is None:
+        weights = {k: v for k, v in model.state_dict(keep_vars=True).items() if adapter_key(k)}
+        refuse_sharded(
+            weights,
+            "save_adapter",
+            "gather them on every process with vlm_peft.model.sharding.whole_state(model, adapter_key) and pass "
+            "them as `weights=`.",
+        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     llm = unwrap(model)
@@ -160,9 +192,10 @@ def save_adapter(model: nn.Module, directory: str | Path, processor: Any = None)
                 f"the PEFT model does not list {PROJECTOR_ATTR!r} in modules_to_save, so the projector is frozen "
                 "and would not be saved with the adapter; wrap with vlm_peft.add_lora(model, ...)."
             )
-        model.save_pretrained(out)
-    weights = {k: v.detach().contiguous().cpu() for k, v in active_projector(llm).state_dict().items()}
-    save_file(weights, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
+        model.save_pretrained(out, state_dict={k: v.detach() for k, v in weights.items()})
+    prefix = module_name(model, active_projector(llm)) + "."
+    projector = {k[len(prefix) :]: v.detach().contiguous().cpu() for k, v in weights.items() if k.startswith(prefix)}
+    save_file(projector, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
     written = [PROJECTOR_FILE, *([LORA_FILE, LORA_CONFIG] if isinstance(model, PeftModel) else [])]
     if state.vision.source is None:  # a random tower, saved here
         written += [f"{VISION_DIR}/{p.name}" for p in sorted((out / VISION_DIR).glob("*.safetensors"))]
@@ -171,6 +204,10 @@ def save_adapter(model: nn.Module, directory: str | Path, processor: Any = None)
     if processor is not None:
         processor.save_pretrained(out)
     return out
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
 
 
 def projector_matches_file(projector: nn.Module, path: Path) -> bool:

@@ -21,12 +21,14 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 from ..atomic import remove, stale_temporaries
 from ..data.processor import VLMProcessor
 from ..model.attach import attach
-from ..model.checkpoint import unwrap
+from ..model.checkpoint import param_role, unwrap
 from ..model.config import VLMConfig
-from ..model.hooks import PROJECTOR_ATTR, get_state
+from ..model.hooks import get_state
 from ..model.lora import add_lora, lora_config
+from ..model.sharding import numel
 from ..model.vision import build_vision_model
 from ..tiny import tiny_image_processor
+from .distributed import whole_models
 from .recipe import Recipe, RecipeError, StageSpec
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ def prepare_base(recipe: Recipe, tokenizer: Any) -> str:
     spec.setdefault("eos_token_id", eos)
     spec.setdefault("pad_token_id", tokenizer.pad_token_id)
     torch.manual_seed(recipe.seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec))
+    with whole_models():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec))
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with _built_in_place(path) as tmp:
@@ -76,7 +79,8 @@ def prepare_vision(recipe: Recipe) -> str:
     made_from = {"random": recipe.vision.random, "seed": recipe.seed}
     if not _reuse_random(path, made_from, "vision.random"):
         torch.manual_seed(recipe.seed + 1)
-        model = build_vision_model(recipe.vision.random)
+        with whole_models():
+            model = build_vision_model(recipe.vision.random)
         with _built_in_place(path) as tmp:
             model.save_pretrained(tmp)
             tiny_image_processor(model.config.image_size).save_pretrained(tmp)
@@ -146,11 +150,13 @@ def new_vlm_config(recipe: Recipe, vision_dir: str, processor: VLMProcessor) -> 
 
 
 def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Path | None, new_cfg: VLMConfig):
-    """The attached model for a stage: new projector, or the previous stage's; LoRA as the stage says."""
+    """The attached model for a stage: new projector, or the previous stage's; LoRA as the stage says.
+    Under ZeRO-3 the LLM loads partitioned (the stage's trainer arguments are built first), the tower whole."""
     llm = load_llm(base, recipe.llm.dtype)
     # New projector and LoRA weights come from the recipe's seed, whatever ran before in this process.
     torch.manual_seed(recipe.seed)
-    model = attach(llm, init_from, is_trainable=True) if init_from else attach(llm, new_cfg)
+    with whole_models():
+        model = attach(llm, init_from, is_trainable=True) if init_from else attach(llm, new_cfg)
     if "lora" in stage.train and not isinstance(model, PeftModel):
         spec = stage.lora
         model = add_lora(
@@ -160,9 +166,10 @@ def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Pa
     if recipe.vision.dtype != "auto":
         get_state(unwrap(model)).vision.to(DTYPE[recipe.vision.dtype])
     for name, param in model.named_parameters():
-        if "lora_" in name:
+        role = param_role(name)
+        if role == "lora":
             param.requires_grad_("lora" in stage.train)
-        elif PROJECTOR_ATTR in name and "original_module" not in name:
+        elif role == "projector":
             param.requires_grad_("projector" in stage.train)
     return model
 
@@ -172,15 +179,15 @@ def trainable_counts(model: torch.nn.Module) -> dict[str, int]:
     vision tower (outside the module tree) is counted apart. `total` = LLM + projector + LoRA + tower."""
     counts = {"projector": 0, "lora": 0, "llm": 0, "projector_total": 0, "lora_total": 0}
     for name, param in model.named_parameters():
-        if "original_module" in name:
+        role, size = param_role(name), numel(param)
+        if role == "projector_copy":
             continue
-        role = "lora" if "lora_" in name else "projector" if PROJECTOR_ATTR in name else "llm"
         if role != "llm":
-            counts[f"{role}_total"] += param.numel()
+            counts[f"{role}_total"] += size
         if param.requires_grad:
-            counts["lora" if role == "lora" else "projector"] += param.numel()
+            counts["lora" if role == "lora" else "projector"] += size
         elif role == "llm":
-            counts["llm"] += param.numel()
+            counts["llm"] += size
     counts["vision"] = sum(p.numel() for p in get_state(unwrap(model)).vision.parameters())
     counts["total"] = counts["llm"] + counts["projector_total"] + counts["lora_total"] + counts["vision"]
     return counts

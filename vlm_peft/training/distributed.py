@@ -7,13 +7,13 @@ the main process while the others wait at a barrier. Parallelism itself is trans
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,20 +37,15 @@ def setup(recipe: Recipe) -> None:
             f"distributed.strategy: 'none', but the run was launched with {world_size()} processes; set it to ddp "
             "(or launch one process)."
         )
-    if strategy != "ddp":
-        raise RecipeError(f"distributed.strategy: {strategy!r} is not supported yet; use ddp.")
+    if strategy == "deepspeed" and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        if os.environ.get(flag, "false").lower() == "true":
+        if strategy == "ddp" and os.environ.get(flag, "false").lower() == "true":
             raise RecipeError(
                 f"distributed.strategy: ddp, but the launcher set {flag} (an accelerate config with FSDP/DeepSpeed); "
                 "launch with a plain multi-process config, or torchrun."
             )
-    from accelerate import PartialState
-
-    # On a machine without CUDA the processes talk over gloo (transformers needs use_cpu for that).
-    state = PartialState(
-        cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=recipe.distributed.timeout)
-    )
+    state = join(recipe)
     if state.num_processes != world_size():
         raise RecipeError(
             f"WORLD_SIZE is {world_size()} but {state.num_processes} process(es) joined (LOCAL_RANK / RANK / "
@@ -58,14 +53,59 @@ def setup(recipe: Recipe) -> None:
         )
 
 
+def join(recipe: Recipe):
+    """A fresh accelerate state for the processes (the process group itself stays)."""
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    timeout = datetime.timedelta(seconds=recipe.distributed.timeout)
+    if recipe.distributed.strategy == "deepspeed":
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        return PartialState(timeout=timeout, **({} if torch.cuda.is_available() else {"backend": "gloo"}))
+    # On a machine without CUDA the processes talk over gloo (transformers needs use_cpu for that).
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
+
+
+def check_args() -> dict[str, Any]:
+    """Arguments for an SFTConfig built only to check a stage's arguments: it leaves the processes'
+    accelerate state as it is (building one resets it otherwise)."""
+    return {"accelerator_config": {"use_configured_state": True}} if world_size() > 1 else {}
+
+
 def trainer_args(recipe: Recipe) -> dict[str, Any]:
     """SFTConfig arguments every stage gets from `distributed:`."""
     if world_size() == 1:
         return {}
     args: dict[str, Any] = {"ddp_timeout": recipe.distributed.timeout}
-    if not torch.cuda.is_available():
+    d = recipe.distributed
+    if d.strategy == "deepspeed":
+        args["deepspeed"] = d.deepspeed
+        if not torch.cuda.is_available():
+            join(recipe)
+            args["accelerator_config"] = {"use_configured_state": True}
+    elif d.strategy == "fsdp":
+        args["fsdp"] = "full_shard"
+        args["fsdp_config"] = {"version": 2, **(d.fsdp or {})}
+    if d.strategy != "deepspeed" and not torch.cuda.is_available():
         args["use_cpu"] = True
     return args
+
+
+@contextlib.contextmanager
+def whole_models() -> Iterator[None]:
+    """Models loaded or built inside are whole on every process, not partitioned by DeepSpeed ZeRO-3's
+    `zero.Init` (which transformers applies to every model while a ZeRO-3 config is alive): the vision
+    tower runs outside the engine, which would never gather it, and a random base is saved whole.
+    transformers keeps that config in a module global and has no public switch for it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def is_main() -> bool:
@@ -83,11 +123,14 @@ def barrier() -> None:
         PartialState().wait_for_everyone()
 
 
-def wait_for_file(path: Path, poll: float = 1.0) -> None:
-    """Wait, holding no collective, until the main process writes `path`: for work it does alone that may
-    outlast distributed.timeout (evaluation). If the main process dies, the launcher stops this one."""
-    while not path.exists():
-        time.sleep(poll)
+def process() -> tuple[int, int]:
+    """(rank, world size) of this process."""
+    if world_size() == 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
 
 
 def launch(nproc: int, argv: list[str]) -> int:

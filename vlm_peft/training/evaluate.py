@@ -35,16 +35,46 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int = 32,
     max_samples: int | None = None,
+    process: tuple[int, int] = (0, 1),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Each row's last assistant message is the target; everything before it is the prompt."""
+    """Each row's last assistant message is the target; everything before it is the prompt.
+
+    `process` = (rank, world): with several processes every one calls this on the same rows and
+    evaluates its share of each batch, all in lockstep (a sharded model gathers its weights in every
+    forward, so every process runs as many forwards and generation steps as the others); the main
+    process gets the whole summary and predictions, the others empty ones.
+    """
     if max_samples is not None:
         rows = rows.select(range(min(max_samples, len(rows))))
     was_training = model.training
     model.eval()
     try:
-        return _evaluate(model, processor, rows, image_root, batch_size, max_new_tokens)
+        part = _evaluate(model, processor, rows, image_root, batch_size, max_new_tokens, *process)
     finally:
         model.train(was_training)
+    if process[1] > 1:
+        parts: list[Any] = [None] * process[1]
+        torch.distributed.all_gather_object(parts, part)
+        if process[0] != 0:
+            return {}, []
+        part = _merge(parts)
+    return _summary(*part), part[0]
+
+
+def _merge(parts: list[tuple[list[dict], float, int, int]]) -> tuple[list[dict], float, int, int]:
+    predictions = sorted((p for part in parts for p in part[0]), key=lambda p: p["index"])
+    return predictions, *(sum(part[k] for part in parts) for k in (1, 2, 3))
+
+
+def _summary(predictions: list[dict], loss_sum: float, loss_tokens: int, tokens_right: int) -> dict[str, Any]:
+    correct = sum(p["correct"] for p in predictions)
+    return {
+        "samples": len(predictions),
+        "exact_match": correct / max(len(predictions), 1),
+        "loss": loss_sum / max(loss_tokens, 1),
+        # Teacher-forced: shows progress before whole answers come out right.
+        "token_accuracy": tokens_right / max(loss_tokens, 1),
+    }
 
 
 THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
@@ -76,81 +106,106 @@ def _target(processor: VLMProcessor, messages: list[dict[str, Any]], tools: Any)
     return turn.removesuffix("\n").removesuffix("<|im_end|>")
 
 
-def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_tokens: int):
+def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_tokens: int, rank: int, world: int):
+    """This process's part: its predictions (with their row index), loss sum, answer tokens, tokens right."""
+    collator = VLMCollator(processor, image_root)
+    predictions: list[dict[str, Any]] = []
+    totals = [0.0, 0, 0]  # loss sum, answer tokens, tokens right
+    warned = [False]
+    step = batch_size * world
+    for start in range(0, len(rows), step):
+        batch = [rows[i] for i in range(start, min(start + step, len(rows)))]
+        # Rows with reasoning are prompted in thinking mode, as they were trained; one prompt per group.
+        groups = group_indices([(row.get("tools"), _thinks(row["messages"][-1])) for row in batch])
+        mine: list[int] = []
+        texts: dict[int, str] = {}
+        conversations: dict[int, list[dict[str, Any]]] = {}
+        for (tools, think), members in groups.items():
+            share = members[rank::world]
+            # A process with no row of this group still generates (for one row, discarded): the others'
+            # forwards wait for its part of every gather.
+            run = share or members[:1]
+            conversations |= {i: _conversation(batch[i], image_root, start + i) for i in run}
+            chats = [conversations[i] for i in run]
+            texts |= dict(zip(run, _generate(model, processor, chats, tools, think, max_new_tokens)))
+            mine += share
+        mine.sort()
+        scored = _score(model, collator, [batch[i] for i in mine or [0]])
+        if mine:
+            totals = [a + b for a, b in zip(totals, scored)]
+        for i in mine:
+            chat = conversations[i]
+            predictions.append(_prediction(processor, batch[i], chat, start + i, texts[i], max_new_tokens, warned))
+    return predictions, *totals
+
+
+def _conversation(row: dict[str, Any], image_root, index: int) -> list[dict[str, Any]]:
+    where = row.get(WHERE) or f"row {index}"
+    images = [open_image(ref, image_root, where) for ref in row.get("images") or []]
+    return with_images(row["messages"], images)
+
+
+def _generate(model, processor, conversations, tools, think: bool, max_new_tokens: int) -> list[str]:
+    """Greedy answers to the conversations without their last turn, up to the end of the turn."""
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     stop = {end_of_turn, tokenizer.pad_token_id}
-    collator = VLMCollator(processor, image_root)
-    predictions: list[dict[str, Any]] = []
-    loss_sum, loss_tokens, tokens_right = 0.0, 0, 0
-    long_targets = False
-    for start in range(0, len(rows), batch_size):
-        batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        conversations = []
-        for offset, row in enumerate(batch):
-            where = row.get(WHERE) or f"row {start + offset}"
-            images = [open_image(ref, image_root, where) for ref in row.get("images") or []]
-            conversations.append(with_images(row["messages"], images))
-        # Rows whose answer has reasoning are prompted in thinking mode, as they were trained.
-        groups = group_indices([(row.get("tools"), _thinks(row["messages"][-1])) for row in batch])
-        texts: list[str] = [""] * len(batch)
-        for (tools, think), members in groups.items():
-            inputs = encode_chats(
-                processor,
-                [conversations[i][:-1] for i in members],
-                [tools] * len(members),
-                padding_side="left",
-                add_generation_prompt=True,
-                enable_thinking=think,
-            )
-            inputs = {k: v.to(model.device) for k, v in inputs.items()}
-            out = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=end_of_turn,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for i, ids in zip(members, out[:, inputs["input_ids"].shape[1] :].tolist()):
-                # Up to the end of the turn; special tokens kept, as tool-call and think markers may be.
-                cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))
-                texts[i] = tokenizer.decode(ids[:cut])
-        labelled = {k: v.to(model.device) for k, v in collator(batch).items()}
-        logits = model(**{k: v for k, v in labelled.items() if k != "labels"}).logits
-        labels = labelled["labels"][:, 1:]
-        answer = labels != IGNORE_INDEX
-        # Only the answer positions, in fp32: the full [batch, seq, vocab] in fp32 would not fit at Qwen's vocab.
-        answer_logits, answer_labels = logits[:, :-1][answer].float(), labels[answer]
-        loss_sum += torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="sum").item()
-        loss_tokens += int(answer.sum())
-        tokens_right += int((answer_logits.argmax(-1) == answer_labels).sum())
-        for offset, (row, text) in enumerate(zip(batch, texts)):
-            target = _target(processor, conversations[offset], row_tools(row))
-            if not long_targets and len(tokenizer(target, add_special_tokens=False)["input_ids"]) >= max_new_tokens:
-                long_targets = True
-                logger.warning(
-                    "a target (%s…) is longer than max_new_tokens=%d: such answers cannot be matched; raise "
-                    "eval.max_new_tokens (or --max-new-tokens)", target[:40], max_new_tokens,
-                )  # fmt: skip
-            predictions.append(
-                {
-                    "index": start + offset,
-                    "prompt": _answer(row["messages"][-2]) if len(row["messages"]) > 1 else "",
-                    "target": target,
-                    "prediction": text.strip(),
-                    # The answer is graded, not the reasoning before it.
-                    "correct": normalize(THINK.sub("", text)) == normalize(THINK.sub("", target)),
-                }
-            )
-    correct = sum(p["correct"] for p in predictions)
-    summary = {
-        "samples": len(predictions),
-        "exact_match": correct / max(len(predictions), 1),
-        "loss": loss_sum / max(loss_tokens, 1),
-        # Teacher-forced: shows progress before whole answers come out right.
-        "token_accuracy": tokens_right / max(loss_tokens, 1),
+    inputs = encode_chats(
+        processor,
+        [conversation[:-1] for conversation in conversations],
+        [tools] * len(conversations),
+        padding_side="left",
+        add_generation_prompt=True,
+        enable_thinking=think,
+    )
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=end_of_turn,
+        pad_token_id=tokenizer.pad_token_id,
+        # Every process keeps stepping until all are done: a sharded model's forward is collective.
+        synced_gpus=distributed and torch.distributed.get_world_size() > 1,
+    )
+    texts = []
+    for ids in out[:, inputs["input_ids"].shape[1] :].tolist():
+        # Special tokens kept, as tool-call and think markers may be.
+        cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))
+        texts.append(tokenizer.decode(ids[:cut]))
+    return texts
+
+
+def _score(model, collator: VLMCollator, batch: list[dict[str, Any]]) -> tuple[float, int, int]:
+    """Teacher-forced loss sum, answer tokens and tokens right over the rows' answers."""
+    labelled = {k: v.to(model.device) for k, v in collator(batch).items()}
+    logits = model(**{k: v for k, v in labelled.items() if k != "labels"}).logits
+    labels = labelled["labels"][:, 1:]
+    answer = labels != IGNORE_INDEX
+    # Only the answer positions, in fp32: the full [batch, seq, vocab] in fp32 would not fit at Qwen's vocab.
+    answer_logits, answer_labels = logits[:, :-1][answer].float(), labels[answer]
+    loss = torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="sum").item()
+    return loss, int(answer.sum()), int((answer_logits.argmax(-1) == answer_labels).sum())
+
+
+def _prediction(processor, row, conversation, index: int, text: str, max_new_tokens: int, warned: list[bool]) -> dict:
+    target = _target(processor, conversation, row_tools(row))
+    tokens = len(processor.tokenizer(target, add_special_tokens=False)["input_ids"])
+    if not warned[0] and tokens >= max_new_tokens:
+        warned[0] = True
+        logger.warning(
+            "a target (%s…) is longer than max_new_tokens=%d: such answers cannot be matched; raise "
+            "eval.max_new_tokens (or --max-new-tokens)", target[:40], max_new_tokens,
+        )  # fmt: skip
+    return {
+        "index": index,
+        "prompt": _answer(row["messages"][-2]) if len(row["messages"]) > 1 else "",
+        "target": target,
+        "prediction": text.strip(),
+        # The answer is graded, not the reasoning before it.
+        "correct": normalize(THINK.sub("", text)) == normalize(THINK.sub("", target)),
     }
-    return summary, predictions
 
 
 def format_summary(summary: dict[str, Any], title: str = "held-out") -> str:

@@ -30,7 +30,7 @@ from .build import (
 )
 from .checkpoints import finished_checkpoint, history, last_complete_checkpoint, loss_so_far
 from .curves import write_loss_curve
-from .distributed import barrier, global_batch, is_main, wait_for_file
+from .distributed import barrier, global_batch, is_main, process
 from .evaluate import evaluate, format_summary
 from .preflight import check_paths, check_projector_width
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
@@ -39,8 +39,10 @@ from .trainer import FiniteGuard, VLMTrainer
 logger = logging.getLogger(__name__)
 
 
-def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
-    """The stage's trainer arguments; built before any model so a bad value fails in seconds."""
+def sft_config(recipe: Recipe, stage: StageSpec, check_only: bool = False) -> SFTConfig:
+    """The stage's trainer arguments. `check_only`: without the distributed settings, whose accelerate
+    state is a process singleton (and DeepSpeed's ZeRO-3 config changes how later models load), to
+    check every stage's arguments before any model is built."""
     args: dict[str, Any] = {
         "seed": recipe.seed,
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
@@ -53,7 +55,7 @@ def sft_config(recipe: Recipe, stage: StageSpec) -> SFTConfig:
         "save_steps": 500,
         "save_total_limit": 2,
         **stage.args,
-        **distributed.trainer_args(recipe),
+        **(distributed.check_args() if check_only else distributed.trainer_args(recipe)),
         "output_dir": str(recipe.stage_dir(stage.name)),
         "learning_rate": stage.lr.projector,
         "remove_unused_columns": False,
@@ -139,10 +141,8 @@ def run_stage(
     trainer.save_model(str(stage_dir))
     barrier()  # the stage dir is whole before any process goes on
     metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps, **counts}
-    if is_main():
-        _evaluate_and_record(trainer, stage, processor, eval_rows, checkpoint if done is not None else None, metrics)
-    else:  # evaluation runs on the main process (DDP holds whole weights everywhere), for as long as it takes
-        wait_for_file(stage_dir / "metrics.json")
+    # Every process evaluates its share of the rows on the model as training left it (sharded or not).
+    _evaluate_and_record(trainer, stage, processor, eval_rows, checkpoint if done is not None else None, metrics)
     barrier()
     return metrics
 
@@ -151,7 +151,7 @@ def _evaluate_and_record(trainer, stage: StageSpec, processor, eval_rows, finish
     """Loss curve, held-out evaluation and metrics.json (written last: it marks the stage done)."""
     stage_dir = Path(trainer.args.output_dir)
     logged = trainer.state.log_history if finished is None else history(finished)
-    curve = write_loss_curve(logged, stage_dir, f"stage {stage.name}")
+    curve = write_loss_curve(logged, stage_dir, f"stage {stage.name}") if is_main() else None
     if curve is not None:
         metrics["loss_curve"] = str(curve)
         logger.info("stage %s: loss curve in %s", stage.name, curve)
@@ -165,12 +165,16 @@ def _evaluate_and_record(trainer, stage: StageSpec, processor, eval_rows, finish
             batch_size=stage.eval.batch_size,
             max_new_tokens=stage.eval.max_new_tokens,
             max_samples=stage.eval.max_samples,
+            process=process(),
         )
+        if not is_main():
+            return
         metrics.update({f"eval_{k}": v for k, v in summary.items()})
         with (stage_dir / "eval_predictions.jsonl").open("w") as handle:
             handle.writelines(json.dumps(p) + "\n" for p in predictions)
         logger.info("stage %s held-out:\n%s", stage.name, format_summary(summary))
-    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if is_main():
+        (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def _record_recipe(recipe: Recipe, stage_dir: Path, resuming: bool) -> None:
@@ -229,7 +233,8 @@ def train(
     # Saved configs name the base and the tower by path: make them work from any directory.
     recipe.output_dir = str(Path(recipe.output_dir).resolve())
     distributed.setup(recipe)
-    configs = {s.name: sft_config(recipe, s) for s in recipe.stages}
+    for s in recipe.stages:  # a bad value fails in seconds, not after the first stage
+        sft_config(recipe, s, check_only=True)
     selected = recipe.stages if stage is None else [recipe.stage(stage)]
     # Only the stages that will run: a finished stage's data may be gone.
     check_paths(recipe, [s for s in selected if overwrite or not is_complete(recipe.stage_dir(s.name))])
@@ -269,7 +274,8 @@ def train(
                 spec.name,
                 later,
             )
+        args = sft_config(recipe, spec)  # first: under ZeRO-3 the LLM then loads partitioned
         model = build_stage_model(recipe, spec, base, previous, new_cfg)
-        results[spec.name] = run_stage(recipe, spec, configs[spec.name], model, processor, resume, callbacks)
+        results[spec.name] = run_stage(recipe, spec, args, model, processor, resume, callbacks)
         previous = stage_dir
     return results

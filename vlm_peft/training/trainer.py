@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -10,8 +11,8 @@ from transformers import TrainerCallback
 from transformers.trainer_optimizer import is_optimizer_factory
 from trl import SFTTrainer
 
-from ..model.checkpoint import load_training_weights, save_adapter
-from ..model.hooks import PROJECTOR_ATTR
+from ..model.checkpoint import adapter_key, load_training_weights, param_role, save_adapter
+from ..model.sharding import whole_state
 
 # Key in a checkpoint's trainer_state.json `stateful_callbacks`: the sum of the per-step losses so far.
 LOSS_KEY = "VLMStageLoss"
@@ -62,6 +63,18 @@ class VLMTrainer(SFTTrainer):
         self.loss_before: tuple[float, int] = (0.0, 0)
         super().__init__(*args, **kwargs)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and self.args.fsdp_plugin_args and not self.is_fsdp_enabled:
+            # accelerate turns its FSDP plugin on for accelerators only; FSDP2 itself runs on CPU over gloo,
+            # and this is how the very path that shards on GPUs runs (and is tested) on a machine without one.
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            state = self.accelerator.state
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            state.distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         # transformers' train loss after a resume covers the resumed steps only; the running sum is kept
         # in the checkpoint so the stage's mean covers all of them.
@@ -80,7 +93,8 @@ class VLMTrainer(SFTTrainer):
         groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(r, d): [] for r in roles for d in (True, False)}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                role = "lora" if "lora_" in name else "projector" if PROJECTOR_ATTR in name else "other"
+                role = param_role(name)
+                role = role if role in roles else "other"
                 groups[(role, name in decay)].append(param)
         if not any(groups.values()):
             raise ValueError("nothing to train: no parameter requires grad (check the stage's `train` list).")
@@ -99,9 +113,49 @@ class VLMTrainer(SFTTrainer):
         self.optimizer = optimizer_cls(param_groups, **kwargs)
         return self.optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """An adapter dir: projector + LoRA only, gathered whole from every process when sharded (so every
+        process calls this); never the frozen LLM, which transformers would gather whole under ZeRO-3."""
+        weights = whole_state(self.model, adapter_key)
         if self.args.should_save:
-            save_adapter(self.model, output_dir or self.args.output_dir, processor=self.processing_class)
+            save_adapter(self.model, output_dir or self.args.output_dir, self.processing_class, weights=weights)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The engines' own checkpoints would hold the whole frozen LLM beside the optimizer: only what
+        # trains is kept (its weights are the adapter files beside).
+        scheduler_saved = False
+        if self.is_deepspeed_enabled:
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            scheduler_saved = isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper)
+        else:
+            from accelerate.utils import save_fsdp_optimizer
+
+            plugin = self.accelerator.state.fsdp_plugin
+            save_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save and not scheduler_saved:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None):
+        if resume_from_checkpoint is None or not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        # The adapter weights go in before the engine shards the model; the engine's checkpoint then
+        # restores the optimizer (and, for DeepSpeed, the same trained weights: it holds no frozen ones).
+        load_training_weights(self.model, resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        if self.is_deepspeed_enabled:
+            path, _ = self.model_wrapped.load_checkpoint(
+                resume_from_checkpoint, load_module_strict=False, load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )  # fmt: skip
+            if path is None:
+                raise ValueError(f"{resume_from_checkpoint}: no DeepSpeed checkpoint (global_step*/) to resume from.")
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         load_training_weights(self.model if model is None else model, resume_from_checkpoint)
