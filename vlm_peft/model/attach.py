@@ -20,10 +20,10 @@ from .checkpoint import (
     verify_dir,
 )
 from .config import VLMConfig
+from .engines import gathered
 from .hooks import PROJECTOR_ATTR, STATE_ATTR, VLMState, get_state, install, uninstall
 from .lora import peft_wrapping
 from .projector import CrossAttentionProjector, build_projector
-from .sharding import gathered
 from .vision import VisionTower, load_vision_tower, vision_config_dict
 
 ADAPTER_CONFIG = "adapter_config.json"

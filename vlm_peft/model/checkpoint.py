@@ -20,8 +20,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .config import CONFIG_NAME, VLMConfig
+from .engines import refuse_sharded, unwrapped_tree
 from .hooks import PROJECTOR_ATTR, get_state
-from .sharding import refuse_sharded
 
 PROJECTOR_FILE = "projector.safetensors"
 LORA_FILE, LORA_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -163,7 +163,7 @@ def save_adapter(
     """Write an adapter dir for an attached model (bare or PEFT-wrapped).
 
     `weights`: the adapter's tensors whole, by state-dict name, for a model sharded across processes
-    (FSDP, ZeRO-3): `vlm_peft.model.sharding.whole_state(model, adapter_key)` on every process, then
+    (FSDP, ZeRO-3): `vlm_peft.model.engines.whole_state(model, adapter_key)` on every process, then
     save on one. By default they are read from the model, which must hold them whole.
     """
     if weights is None:
@@ -171,7 +171,7 @@ def save_adapter(
         refuse_sharded(
             weights,
             "save_adapter",
-            "gather them on every process with vlm_peft.model.sharding.whole_state(model, adapter_key) and pass "
+            "gather them on every process with vlm_peft.model.engines.whole_state(model, adapter_key) and pass "
             "them as `weights=`.",
         )
     out = Path(directory)
@@ -192,7 +192,8 @@ def save_adapter(
                 f"the PEFT model does not list {PROJECTOR_ATTR!r} in modules_to_save, so the projector is frozen "
                 "and would not be saved with the adapter; wrap with vlm_peft.add_lora(model, ...)."
             )
-        model.save_pretrained(out, state_dict={k: v.detach() for k, v in weights.items()})
+        with unwrapped_tree(model):
+            model.save_pretrained(out, state_dict={k: v.detach() for k, v in weights.items()})
     prefix = module_name(model, active_projector(llm)) + "."
     projector = {k[len(prefix) :]: v.detach().contiguous().cpu() for k, v in weights.items() if k.startswith(prefix)}
     save_file(projector, str(out / PROJECTOR_FILE), metadata={"format": "pt"})

@@ -113,17 +113,19 @@ def _splice_images(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
 
 def embed_with_idle_projector(llm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Token embeddings of a batch without images, plus 0 x the projector's output on one all-zero
-    image: in training every rank then runs the same modules and collectives whatever its batch holds
-    (DDP needs no find_unused_parameters, FSDP / ZeRO-3 gathers never wait on a rank that skipped the
-    projector), and a frozen LLM's loss keeps a graph to backpropagate through."""
+    image: in training every rank then runs the same modules, in the same order, with the same
+    collectives whatever its batch holds (DDP needs no find_unused_parameters, FSDP / ZeRO-3 gathers never
+    wait on a rank that skipped the projector), and a frozen LLM's loss keeps a graph to backpropagate through."""
     cfg = get_state(llm).config
-    embeds = llm.get_input_embeddings()(input_ids)
     projector = getattr(llm, PROJECTOR_ATTR)
     weight = next(projector.parameters())
+    # One embedding call for the text and the idle image's queries, as with images: ZeRO-3 gathers a
+    # module's weights at each call, and a second call here would be a gather the other ranks never make.
+    placeholders = torch.full((1, cfg.num_image_tokens), cfg.image_token_id, device=input_ids.device)
+    embedded = llm.get_input_embeddings()(torch.cat([input_ids.flatten(), placeholders.flatten()]))
+    embeds = embedded[: input_ids.numel()].view(*input_ids.shape, -1)
+    query = embedded[input_ids.numel() :].unsqueeze(0)
     features = torch.zeros(1, cfg.num_patches, cfg.vision_hidden_size, device=weight.device, dtype=weight.dtype)
-    query = llm.get_input_embeddings()(
-        torch.full((1, cfg.num_image_tokens), cfg.image_token_id, device=input_ids.device)
-    )
     idle = projector(features, query.to(weight.dtype))
     return embeds + (idle * 0.0).sum().to(embeds.dtype)  # zeroed before the sum: a large sum overflows fp16
 

@@ -23,9 +23,9 @@ from ..data.processor import VLMProcessor
 from ..model.attach import attach
 from ..model.checkpoint import param_role, unwrap
 from ..model.config import VLMConfig
+from ..model.engines import numel
 from ..model.hooks import get_state
 from ..model.lora import add_lora, lora_config
-from ..model.sharding import numel
 from ..model.vision import build_vision_model
 from ..tiny import tiny_image_processor
 from .distributed import whole_models

@@ -158,7 +158,7 @@ def _evaluate_and_record(trainer, stage: StageSpec, processor, eval_rows, finish
     if eval_rows is not None:
         image_root_eval = stage.data.image_root or str(Path(stage.data.eval).parent)
         summary, predictions = evaluate(
-            trainer.model,
+            trainer.model_for_evaluation(),
             processor,
             eval_rows,
             image_root_eval,

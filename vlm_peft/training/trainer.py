@@ -12,7 +12,7 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from trl import SFTTrainer
 
 from ..model.checkpoint import adapter_key, load_training_weights, param_role, save_adapter
-from ..model.sharding import whole_state
+from ..model.engines import whole_state
 
 # Key in a checkpoint's trainer_state.json `stateful_callbacks`: the sum of the per-step losses so far.
 LOSS_KEY = "VLMStageLoss"
@@ -156,6 +156,18 @@ class VLMTrainer(SFTTrainer):
         self._load_optimizer_and_scheduler(resume_from_checkpoint)
         self._load_scaler(resume_from_checkpoint)
         return model, train_dataloader
+
+    def model_for_evaluation(self) -> torch.nn.Module:
+        """The model every process evaluates: as training left it. When no step ran in this process (a
+        stage that resumed at its end), a ZeRO-3 LLM is still partitioned with no engine to gather it in
+        forward: it gets an inference engine, as transformers' own evaluation gives it."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_deepspeed_enabled and self.deepspeed is None and plugin.zero_stage == 3:
+            from transformers.integrations.deepspeed import deepspeed_init
+
+            deepspeed_init(self, num_training_steps=0, inference=True)
+            self.model_wrapped = self.deepspeed = self.accelerator.prepare(self.model)
+        return self.model
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         load_training_weights(self.model if model is None else model, resume_from_checkpoint)
