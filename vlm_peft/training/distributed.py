@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import strategies
 from .recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -28,22 +29,38 @@ def world_size() -> int:
 
 
 def setup(recipe: Recipe) -> None:
-    """Join the launcher's process group before anything is built; refuse a recipe that says otherwise."""
+    """Check the strategy's settings, then join the launcher's process group before anything is built;
+    refuse a recipe that says otherwise."""
+    strategies.check(recipe)
     strategy = recipe.distributed.strategy
     if world_size() == 1:
+        if strategy in ("fsdp", "deepspeed"):
+            logger.warning(
+                "distributed.strategy: %s, but this is one process: it trains unsharded. Launch several with "
+                "--nproc N, torchrun or accelerate launch.", strategy,
+            )  # fmt: skip
         return
     if strategy == "none":
         raise RecipeError(
-            f"distributed.strategy: 'none', but the run was launched with {world_size()} processes; set it to ddp "
-            "(or launch one process)."
+            f"distributed.strategy: 'none', but the run was launched with {world_size()} processes; set it to ddp, "
+            "fsdp or deepspeed (or launch one process)."
         )
-    if strategy == "deepspeed" and not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        if strategy == "ddp" and os.environ.get(flag, "false").lower() == "true":
+    if strategy == "deepspeed":
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as err:
             raise RecipeError(
-                f"distributed.strategy: ddp, but the launcher set {flag} (an accelerate config with FSDP/DeepSpeed); "
-                "launch with a plain multi-process config, or torchrun."
+                f"distributed.strategy: deepspeed, but DeepSpeed does not import ({err}); "
+                "pip install 'vlm-peft[deepspeed]'."
+            ) from None
+    for flag, name in (("ACCELERATE_USE_FSDP", "fsdp"), ("ACCELERATE_USE_DEEPSPEED", "deepspeed")):
+        if strategy != name and os.environ.get(flag, "false").lower() == "true":
+            raise RecipeError(
+                f"distributed.strategy: {strategy}, but the launcher set {flag} (an accelerate config with {name}); "
+                f"set distributed.strategy: {name} in the recipe (its settings live there), or launch with a plain "
+                "multi-process config or torchrun."
             )
     state = join(recipe)
     if state.num_processes != world_size():
@@ -53,8 +70,9 @@ def setup(recipe: Recipe) -> None:
         )
 
 
-def join(recipe: Recipe):
-    """A fresh accelerate state for the processes (the process group itself stays)."""
+def join(recipe: Recipe) -> Any:
+    """A fresh accelerate state over the launcher's processes (the process group itself stays): its state
+    is a process singleton, and each stage's trainer makes its own accelerator."""
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
@@ -62,33 +80,43 @@ def join(recipe: Recipe):
     timeout = datetime.timedelta(seconds=recipe.distributed.timeout)
     if recipe.distributed.strategy == "deepspeed":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        # Without CUDA accelerate would find no backend for DeepSpeed and fall back to one process.
         return PartialState(timeout=timeout, **({} if torch.cuda.is_available() else {"backend": "gloo"}))
     # On a machine without CUDA the processes talk over gloo (transformers needs use_cpu for that).
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
 
 
-def check_args() -> dict[str, Any]:
-    """Arguments for an SFTConfig built only to check a stage's arguments: it leaves the processes'
+def check_args(args: dict[str, Any]) -> dict[str, Any]:
+    """`args` for an SFTConfig built only to check a stage's arguments: it leaves the processes'
     accelerate state as it is (building one resets it otherwise)."""
-    return {"accelerator_config": {"use_configured_state": True}} if world_size() > 1 else {}
+    return _configured_state(args) if world_size() > 1 else args
 
 
-def trainer_args(recipe: Recipe) -> dict[str, Any]:
-    """SFTConfig arguments every stage gets from `distributed:`."""
+def _configured_state(args: dict[str, Any]) -> dict[str, Any]:
+    return {**args, "accelerator_config": {**(args.get("accelerator_config") or {}), "use_configured_state": True}}
+
+
+def trainer_args(recipe: Recipe, args: dict[str, Any]) -> dict[str, Any]:
+    """The stage's SFTConfig arguments `args` with what `distributed:` adds; called as the stage starts
+    (a ZeRO-3 config then changes how the stage's LLM loads: partitioned)."""
     if world_size() == 1:
-        return {}
-    args: dict[str, Any] = {"ddp_timeout": recipe.distributed.timeout}
+        return args
     d = recipe.distributed
+    args = {**args, "ddp_timeout": d.timeout}
+    cpu = not torch.cuda.is_available()
     if d.strategy == "deepspeed":
-        args["deepspeed"] = d.deepspeed
-        if not torch.cuda.is_available():
+        args["deepspeed"] = strategies.deepspeed_config(recipe)
+        if cpu:  # transformers' own state for DeepSpeed finds no backend on CPU: use the one joined over gloo
             join(recipe)
-            args["accelerator_config"] = {"use_configured_state": True}
-    elif d.strategy == "fsdp":
-        args["fsdp"] = "full_shard"
-        args["fsdp_config"] = {"version": 2, **(d.fsdp or {})}
-    if d.strategy != "deepspeed" and not torch.cuda.is_available():
+            args = _configured_state(args)
+        return args
+    if cpu:
         args["use_cpu"] = True
+    if d.strategy == "fsdp":
+        options = strategies.fsdp_options(recipe)
+        # FSDP's own activation checkpointing, per sharded layer: transformers' would gather every layer twice.
+        options.setdefault("activation_checkpointing", bool(args.get("activation_checkpointing")))
+        args.update(fsdp="full_shard", fsdp_config={"version": 2, **options}, activation_checkpointing=False)
     return args
 
 

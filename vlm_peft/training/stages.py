@@ -55,12 +55,12 @@ def sft_config(recipe: Recipe, stage: StageSpec, check_only: bool = False) -> SF
         "save_steps": 500,
         "save_total_limit": 2,
         **stage.args,
-        **(distributed.check_args() if check_only else distributed.trainer_args(recipe)),
         "output_dir": str(recipe.stage_dir(stage.name)),
         "learning_rate": stage.lr.projector,
         "remove_unused_columns": False,
         "dataset_kwargs": {"skip_prepare_dataset": True},
     }
+    args = distributed.check_args(args) if check_only else distributed.trainer_args(recipe, args)
     try:
         return SFTConfig(**args)
     except (TypeError, ValueError) as err:

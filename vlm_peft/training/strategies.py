@@ -1,0 +1,107 @@
+"""`distributed.strategy` in the terms transformers and accelerate take it: the FSDP2 options and the
+DeepSpeed config, checked before any model is built. The sharding itself is theirs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from .recipe import Recipe, RecipeError
+
+# FSDP2 options passed on as transformers' `fsdp_config`, with what each does. Others (FSDP1's, and
+# cpu_ram_efficient_loading: the base is read whole by every process, which `attach` needs) are refused.
+FSDP_OPTIONS = {
+    "version": "2 (FSDP1 is not supported)",
+    "reshard_after_forward": "true: free a layer's gathered weights after its forward (least memory); false: keep "
+    "them until backward (fewer gathers)",
+    "activation_checkpointing": "FSDP's own, per decoder layer; default: the stage's activation_checkpointing",
+    "cpu_offload": "sharded weights and optimizer state in CPU memory",
+    "transformer_layer_cls_to_wrap": "the classes sharded as one unit each; default: the model's decoder layer",
+    "state_dict_type": "FULL_STATE_DICT (optimizer state gathered into one file) or SHARDED_STATE_DICT (one "
+    "part per process)",
+}
+STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
+# DeepSpeed sections that would take over what vlm-peft's trainer does itself.
+DEEPSPEED_REFUSED = {
+    "optimizer": "vlm-peft builds the optimizer (separate projector and LoRA learning rates); set optim, "
+    "adam_beta1/2, adam_epsilon and weight_decay in the stage's args",
+    "scheduler": "the stage's lr_scheduler_type / warmup_steps set the schedule (a DeepSpeed scheduler would give "
+    "projector and LoRA one learning rate)",
+}
+
+
+def check(recipe: Recipe) -> None:
+    """The strategy's own settings, whole, before anything is built (also in one process)."""
+    d = recipe.distributed
+    if d.strategy == "fsdp":
+        fsdp_options(recipe)
+    if d.strategy == "deepspeed":
+        deepspeed_config(recipe)
+
+
+def fsdp_options(recipe: Recipe) -> dict[str, Any]:
+    """`distributed.fsdp`, checked (transformers' `fsdp_` key prefix accepted)."""
+    options = {}
+    for key, value in (recipe.distributed.fsdp or {}).items():
+        name = key.removeprefix("fsdp_")
+        if name not in FSDP_OPTIONS:
+            allowed = "; ".join(f"{k}: {v}" for k, v in FSDP_OPTIONS.items())
+            raise RecipeError(f"distributed.fsdp.{key}: not a supported FSDP2 option. Supported: {allowed}.")
+        options[name] = value
+    where = "distributed.fsdp"
+    if options.get("version", 2) != 2:
+        raise RecipeError(f"{where}.version: only FSDP2 is supported (version: 2), got {options['version']!r}.")
+    for name in ("reshard_after_forward", "activation_checkpointing", "cpu_offload"):
+        if name in options and not isinstance(options[name], bool):
+            raise RecipeError(f"{where}.{name}: expected true or false, got {options[name]!r}.")
+    layers = options.get("transformer_layer_cls_to_wrap")
+    if layers is not None and not (
+        isinstance(layers, str) or (isinstance(layers, list) and layers and all(isinstance(c, str) for c in layers))
+    ):
+        raise RecipeError(f"{where}.transformer_layer_cls_to_wrap: expected a class name or a list of them.")
+    if options.get("state_dict_type", STATE_DICT_TYPES[0]) not in STATE_DICT_TYPES:
+        raise RecipeError(
+            f"{where}.state_dict_type: one of {list(STATE_DICT_TYPES)}, got {options['state_dict_type']!r}."
+        )
+    return options
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """`distributed.deepspeed` (a JSON file or an inline mapping) as a checked config dict."""
+    spec = recipe.distributed.deepspeed
+    key = "distributed.deepspeed"
+    if spec is None:
+        raise RecipeError(
+            f"{key}: required with strategy deepspeed: a DeepSpeed JSON config (e.g. recipes/deepspeed/zero2.json "
+            "or zero3.json) or an inline mapping."
+        )
+    if isinstance(spec, str):
+        path = Path(spec).expanduser()
+        try:
+            config = json.loads(path.read_text())
+        except OSError as err:
+            raise RecipeError(f"{key}: cannot read {path} ({err.strerror or err}).") from None
+        except ValueError as err:
+            raise RecipeError(f"{key}: {path} is not valid JSON ({err}).") from None
+        if not isinstance(config, dict):
+            raise RecipeError(f"{key}: {path} holds {type(config).__name__}, not a JSON object.")
+    else:
+        config = copy.deepcopy(spec)
+    for section, why in DEEPSPEED_REFUSED.items():
+        if section in config:
+            raise RecipeError(f"{key}: remove the {section!r} section: {why}.")
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise RecipeError(f"{key}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero!r}.")
+    offload = zero.get("offload_optimizer") or {}
+    if isinstance(offload, dict) and offload.get("device", "none") != "none":
+        # The optimizer is vlm-peft's torch one (its parameter groups carry the two learning rates); only
+        # projector and LoRA train, so stepping it on the offloaded fp32 states on the CPU is cheap.
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return config
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
