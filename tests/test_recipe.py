@@ -146,3 +146,70 @@ def test_wrong_types_and_keys_are_named_before_anything_is_built(override, match
 def test_typed_args_are_kept_and_yaml11_floats_read():
     r = load_recipe("recipes/demo.yaml", ["stages.sft.args.weight_decay='1e-1'", "stages.sft.args.max_steps=5"])
     assert r.stage("sft").args["weight_decay"] == 0.1 and r.stage("sft").args["max_steps"] == 5
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("distributed.strategy=deepspeed", r"distributed.deepspeed: required with strategy deepspeed.*zero2.json"),
+        ("distributed.deepspeed=nope.json", r"distributed.deepspeed: given, but distributed.strategy is not"),
+        ('distributed.fsdp={"version": 2}', r"distributed.fsdp: given, but distributed.strategy is not 'fsdp'"),
+        ("distributed.strategy=zero3", r"distributed.strategy: 'zero3' is not one of"),
+    ],
+)
+def test_distributed_settings_that_contradict_each_other_are_refused(override, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe("recipes/demo.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    "fsdp, match",
+    [
+        ({"version": 1}, r"distributed.fsdp.version: only FSDP2"),
+        (
+            {"cpu_ram_efficient_loading": True},
+            r"distributed.fsdp.cpu_ram_efficient_loading: not a supported.*"
+            r"reshard_after_forward: true",
+        ),  # fmt: skip
+        ({"fsdp_activation_checkpointing": "yes"}, r"distributed.fsdp.activation_checkpointing: expected true or"),
+        ({"state_dict_type": "LOCAL"}, r"state_dict_type: one of \['FULL_STATE_DICT'"),
+        ({"transformer_layer_cls_to_wrap": [1]}, r"transformer_layer_cls_to_wrap: expected a class name"),
+    ],
+)
+def test_fsdp_options_are_checked_as_the_recipe_is_read(fsdp, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(recipe(distributed={"strategy": "fsdp", "fsdp": fsdp}))
+    ok = load_recipe(recipe(distributed={"strategy": "fsdp", "fsdp": {"fsdp_reshard_after_forward": False}}))
+    assert ok.distributed.fsdp == {"fsdp_reshard_after_forward": False}
+
+
+def test_deepspeed_configs_are_read_and_checked_as_the_recipe_is_read(tmp_path):
+    from vlm_peft.training.strategies import deepspeed_config, zero_stage
+
+    for name, stage in (("zero2", 2), ("zero3", 3)):
+        shipped = load_recipe(
+            recipe(distributed={"strategy": "deepspeed", "deepspeed": f"recipes/deepspeed/{name}.json"})
+        )
+        assert zero_stage(deepspeed_config(shipped.distributed)) == stage
+    bad = tmp_path / "bad.json"
+    cases = [
+        (str(tmp_path / "missing.json"), r"cannot read .*missing.json"),
+        ("{broken", None),  # written to the file below
+        (
+            {"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}},
+            r"remove the 'optimizer' section: "
+            r"vlm-peft builds the optimizer \(separate projector and LoRA learning rates\)",
+        ),  # fmt: skip
+        ({"scheduler": {"type": "WarmupLR"}}, r"remove the 'scheduler' section"),
+        ({"zero_optimization": {"stage": 4}}, r"zero_optimization.stage must be 0, 1, 2 or 3"),
+    ]
+    for source, match in cases:
+        if source == "{broken":
+            bad.write_text(source)
+            source, match = str(bad), r".*bad.json is not valid JSON"
+        with pytest.raises(RecipeError, match=f"distributed.deepspeed: {match}"):
+            load_recipe(recipe(distributed={"strategy": "deepspeed", "deepspeed": source}))
+    # An offloaded optimizer stays vlm-peft's own (DeepSpeed would refuse it by default).
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    spec = load_recipe(recipe(distributed={"strategy": "deepspeed", "deepspeed": offload})).distributed
+    assert deepspeed_config(spec)["zero_force_ds_cpu_optimizer"] is False and "zero_force" not in str(offload)

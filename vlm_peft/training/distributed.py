@@ -29,9 +29,7 @@ def world_size() -> int:
 
 
 def setup(recipe: Recipe) -> None:
-    """Check the strategy's settings, then join the launcher's process group before anything is built;
-    refuse a recipe that says otherwise."""
-    strategies.check(recipe)
+    """Join the launcher's process group before anything is built; refuse a recipe that says otherwise."""
     strategy = recipe.distributed.strategy
     if world_size() == 1:
         if strategy in ("fsdp", "deepspeed"):
@@ -105,7 +103,7 @@ def trainer_args(recipe: Recipe, args: dict[str, Any]) -> dict[str, Any]:
     args = {**args, "ddp_timeout": d.timeout}
     cpu = not torch.cuda.is_available()
     if d.strategy == "deepspeed":
-        args["deepspeed"] = strategies.deepspeed_config(recipe)
+        args["deepspeed"] = strategies.deepspeed_config(d)
         if cpu:  # transformers' own state for DeepSpeed finds no backend on CPU: use the one joined over gloo
             join(recipe)
             args = _configured_state(args)
@@ -113,7 +111,7 @@ def trainer_args(recipe: Recipe, args: dict[str, Any]) -> dict[str, Any]:
     if cpu:
         args["use_cpu"] = True
     if d.strategy == "fsdp":
-        options = strategies.fsdp_options(recipe)
+        options = strategies.fsdp_options(d)
         # FSDP's own activation checkpointing, per sharded layer: transformers' would gather every layer twice.
         options.setdefault("activation_checkpointing", bool(args.get("activation_checkpointing")))
         args.update(fsdp="full_shard", fsdp_config={"version": 2, **options}, activation_checkpointing=False)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..model.config import PROJECTOR_KINDS
+from . import strategies
 from .schema import RecipeError, build, check_finite, convert
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -218,6 +219,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("distributed.deepspeed: given, but distributed.strategy is not 'deepspeed'.")
     if d.fsdp is not None and d.strategy != "fsdp":
         raise RecipeError("distributed.fsdp: given, but distributed.strategy is not 'fsdp'.")
+    strategies.check(d)
     if not recipe.stages:
         raise RecipeError("stages: at least one stage is required.")
     names = [s.name for s in recipe.stages]

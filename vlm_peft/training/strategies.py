@@ -6,9 +6,12 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .recipe import Recipe, RecipeError
+from .schema import RecipeError
+
+if TYPE_CHECKING:
+    from .recipe import DistributedSpec
 
 # FSDP2 options passed on as transformers' `fsdp_config`, with what each does. Others (FSDP1's, and
 # cpu_ram_efficient_loading: the base is read whole by every process, which `attach` needs) are refused.
@@ -32,19 +35,18 @@ DEEPSPEED_REFUSED = {
 }
 
 
-def check(recipe: Recipe) -> None:
-    """The strategy's own settings, whole, before anything is built (also in one process)."""
-    d = recipe.distributed
-    if d.strategy == "fsdp":
-        fsdp_options(recipe)
-    if d.strategy == "deepspeed":
-        deepspeed_config(recipe)
+def check(spec: DistributedSpec) -> None:
+    """The strategy's own settings, whole, as the recipe is read (also for one process)."""
+    if spec.strategy == "fsdp":
+        fsdp_options(spec)
+    if spec.strategy == "deepspeed":
+        deepspeed_config(spec)
 
 
-def fsdp_options(recipe: Recipe) -> dict[str, Any]:
+def fsdp_options(spec: DistributedSpec) -> dict[str, Any]:
     """`distributed.fsdp`, checked (transformers' `fsdp_` key prefix accepted)."""
     options = {}
-    for key, value in (recipe.distributed.fsdp or {}).items():
+    for key, value in (spec.fsdp or {}).items():
         name = key.removeprefix("fsdp_")
         if name not in FSDP_OPTIONS:
             allowed = "; ".join(f"{k}: {v}" for k, v in FSDP_OPTIONS.items())
@@ -68,17 +70,16 @@ def fsdp_options(recipe: Recipe) -> dict[str, Any]:
     return options
 
 
-def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+def deepspeed_config(spec: DistributedSpec) -> dict[str, Any]:
     """`distributed.deepspeed` (a JSON file or an inline mapping) as a checked config dict."""
-    spec = recipe.distributed.deepspeed
-    key = "distributed.deepspeed"
-    if spec is None:
+    source, key = spec.deepspeed, "distributed.deepspeed"
+    if source is None:
         raise RecipeError(
             f"{key}: required with strategy deepspeed: a DeepSpeed JSON config (e.g. recipes/deepspeed/zero2.json "
             "or zero3.json) or an inline mapping."
         )
-    if isinstance(spec, str):
-        path = Path(spec).expanduser()
+    if isinstance(source, str):
+        path = Path(source).expanduser()
         try:
             config = json.loads(path.read_text())
         except OSError as err:
@@ -88,7 +89,7 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         if not isinstance(config, dict):
             raise RecipeError(f"{key}: {path} holds {type(config).__name__}, not a JSON object.")
     else:
-        config = copy.deepcopy(spec)
+        config = copy.deepcopy(source)
     for section, why in DEEPSPEED_REFUSED.items():
         if section in config:
             raise RecipeError(f"{key}: remove the {section!r} section: {why}.")
