@@ -95,12 +95,14 @@ def zero3() -> str:
     return json.dumps(config)
 
 
-# strategy: (recipe settings, environment, whether a killed run is resumed too). ZeRO-2 resumes through the
-# same DeepSpeed checkpoint code as ZeRO-3 (checked by hand: bit-identical too); its run is left out for time.
+# strategy: (recipe settings, environment, whether a killed run is resumed too). Resuming is run where
+# vlm-peft's own code restores the state (sharded models: adapter first, then the engine's optimizer);
+# DDP and ZeRO-2 resume through the same code as one process and ZeRO-3 (both checked by hand:
+# bit-identical), and their launches are left out for the suite's time.
 STRATEGIES = {
     # Rank 0 saves late under DDP: a process that walked on to the next stage without waiting for the
     # adapter dir would find none (the bookkeeping is the same for every strategy).
-    "ddp": (["distributed.strategy=ddp", "distributed.timeout=8"], {"VLM_PEFT_TEST_SLOW_SAVE": "3"}, True),
+    "ddp": (["distributed.strategy=ddp", "distributed.timeout=8"], {"VLM_PEFT_TEST_SLOW_SAVE": "2"}, False),
     "fsdp": (["distributed.strategy=fsdp", 'distributed.fsdp={"activation_checkpointing": true}'], {}, True),
     "zero2": (
         ["distributed.strategy=deepspeed", f"distributed.deepspeed={ROOT / 'recipes/deepspeed/zero2.json'}"],

@@ -20,7 +20,8 @@ def test_shipped_recipes_load():
     assert demo.stage("sft").lora.r == 8 and demo.stage("align").lora is None
     for name in ("qwen3-0.6b-clip.yaml", "qwen3-0.6b-clip-64.yaml", "qwen3-8b-clip-fsdp.yaml"):
         real = load_recipe(f"recipes/{name}")
-        assert real.llm.name_or_path.startswith("Qwen/Qwen3-") and real.vision.name_or_path == "openai/clip-vit-base-patch16"
+        assert real.llm.name_or_path.startswith("Qwen/Qwen3-")
+        assert real.vision.name_or_path == "openai/clip-vit-base-patch16"
         assert [s.train for s in real.stages] == [["projector"], ["projector", "lora"]]
 
 
