@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,9 @@ def setup(recipe: Recipe) -> None:
     if strategy == "deepspeed":
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        # DeepSpeed calls collectives by names torch has deprecated; torch warns at every call (tens of
+        # thousands of lines in a demo run), about nothing a user can change.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         try:
             import deepspeed  # noqa: F401
         except ImportError as err:
