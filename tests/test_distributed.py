@@ -72,9 +72,9 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def text_or_image_rows(shapes: Path, out: Path) -> Path:
+def text_or_image_rows(shapes: Path, out: Path, split: str = "sft_train") -> Path:
     """Image rows and text-only rows in turn: in order and one row per device, one rank gets text only."""
-    rows = [json.loads(line) for line in (shapes / "sft_train.jsonl").read_text().splitlines()[:8]]
+    rows = [json.loads(line) for line in (shapes / f"{split}.jsonl").read_text().splitlines()[:8]]
     mixed = []
     for i, row in enumerate(rows):
         if i % 2:
@@ -95,34 +95,46 @@ def zero3() -> str:
     return json.dumps(config)
 
 
-# strategy: (recipe settings, environment, whether a killed run is resumed too). Resuming is run where
-# vlm-peft's own code restores the state (sharded models: adapter first, then the engine's optimizer);
-# DDP and ZeRO-2 resume through the same code as one process and ZeRO-3 (both checked by hand:
-# bit-identical), and their launches are left out for the suite's time.
+# strategy: (recipe settings, environment, the sft step after whose checkpoint a second run is killed and
+# then resumed, or None). Killed after step 2 of 3, the rerun trains on from the engine's checkpoint (where
+# vlm-peft's own code restores the state: adapter first, then the optimizer); after step 3, it finds the
+# stage trained and only saves and evaluates. DDP resumes through transformers' own code, as one process
+# does (checked by hand: bit-identical); its launches are left out for the suite's time.
 STRATEGIES = {
     # Rank 0 saves late under DDP: a process that walked on to the next stage without waiting for the
     # adapter dir would find none (the bookkeeping is the same for every strategy).
-    "ddp": (["distributed.strategy=ddp", "distributed.timeout=8"], {"VLM_PEFT_TEST_SLOW_SAVE": "2"}, False),
-    "fsdp": (["distributed.strategy=fsdp", 'distributed.fsdp={"activation_checkpointing": true}'], {}, True),
+    "ddp": (["distributed.strategy=ddp", "distributed.timeout=8"], {"VLM_PEFT_TEST_SLOW_SAVE": "2"}, None),
+    "fsdp": (
+        [
+            "distributed.strategy=fsdp",
+            'distributed.fsdp={"activation_checkpointing": true, "state_dict_type": "SHARDED_STATE_DICT"}',
+        ],
+        {},
+        2,
+    ),  # fmt: skip
     "zero2": (
         ["distributed.strategy=deepspeed", f"distributed.deepspeed={ROOT / 'recipes/deepspeed/zero2.json'}"],
         {},
-        False,
+        3,
     ),  # fmt: skip
-    "zero3": (["distributed.strategy=deepspeed", f"distributed.deepspeed={zero3()}"], {}, True),
+    "zero3": (["distributed.strategy=deepspeed", f"distributed.deepspeed={zero3()}"], {}, 2),
 }
 
 
 def mixed_settings(out: Path, shapes: Path, data: Path, batch: int, *extra: str) -> list[str]:
-    mixed = [f"stages.{s}.data.train={data}" for s in ("align", "sft")]
-    return settings(out, shapes, batch, *mixed, f"stages.sft.data.eval={shapes / 'sft_eval.jsonl'}", *extra)
+    mixed = [f"stages.{s}.data.train={data / 'train.jsonl'}" for s in ("align", "sft")]
+    return settings(out, shapes, batch, *mixed, f"stages.sft.data.eval={data / 'eval.jsonl'}", *extra)
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, shapes):
-    """The reference: one process, global batch 2, image and text-only rows in turn, held-out evaluation."""
+    """The reference: one process, global batch 2, image and text-only rows in turn (training and held-out
+    evaluation: one rank's share is text-only in both)."""
     tmp = tmp_path_factory.mktemp("one")
-    data = text_or_image_rows(shapes, tmp / "mixed.jsonl")
+    data = tmp / "mixed"
+    data.mkdir()
+    text_or_image_rows(shapes, data / "train.jsonl")
+    text_or_image_rows(shapes, data / "eval.jsonl", "sft_eval")
     run([sys.executable, "-m", "vlm_peft.cli", "train", "recipes/demo.yaml",
          *mixed_settings(tmp / "out", shapes, data, 2)])  # fmt: skip
     return tmp / "out", data
@@ -141,13 +153,13 @@ def reloaded(stage_dir: Path, base: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_two_ranks_equal_one_process_and_a_killed_run_resumes_bit_identical(tmp_path, shapes, one_process, strategy):
-    """2 ranks x 1 row on the same global batch as one process x 2; in order, rank 1's rows hold no image,
-    so its collectives come from the idle projector. Then a run killed after sft's checkpoint-2 resumes
-    (started with --nproc) and ends exactly where the uninterrupted run did."""
+    """2 ranks x 1 row on the same global batch as one process x 2; in order, rank 1's rows (training and
+    held-out) hold no image, so its collectives come from the idle projector. Then a run killed after an sft
+    checkpoint resumes (started with --nproc) and ends exactly where the uninterrupted run did."""
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra: pip install -e '.[dev]'")
     reference, data = one_process
-    extra, env, resume = STRATEGIES[strategy]
+    extra, env, die_at = STRATEGIES[strategy]
     out, memory = tmp_path / "two", tmp_path / "memory"
     args = mixed_settings(out, shapes, data, 1, "stages.sft.args.save_steps=2", *extra)
     done = torchrun("train", "recipes/demo.yaml", *args, env={**env, "VLM_PEFT_TEST_DUMP": str(memory)})
@@ -176,16 +188,16 @@ def test_two_ranks_equal_one_process_and_a_killed_run_resumes_bit_identical(tmp_
     engine = [p for p in checkpoint.rglob("*") if p.is_file() and "model" in p.name and p.suffix != ".safetensors"]
     assert sum(p.stat().st_size for p in engine) <= 1.2 * (checkpoint / "projector.safetensors").stat().st_size
 
-    if not resume:
+    if die_at is None:
         return
     killed = tmp_path / "killed"
     args = mixed_settings(killed, shapes, data, 1, "stages.sft.args.save_steps=2", *extra)
-    dies = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_PEFT_TEST_DIE_AT": "sft:2"}
+    dies = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_PEFT_TEST_DIE_AT": f"sft:{die_at}"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     dead = subprocess.run([*launcher, str(ROOT / "tests" / "ddp_entry.py"), "train", "recipes/demo.yaml", *args],
                           cwd=ROOT, env=dies, capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
     assert dead.returncode != 0 and not (killed / "sft" / "metrics.json").exists()
     resumed = run([sys.executable, "-m", "vlm_peft.cli", "train", "recipes/demo.yaml", "--nproc", "2", *args])
-    assert f"resuming from {killed / 'sft' / 'checkpoint-2'}" in resumed.stderr
+    assert f"resuming from {killed / 'sft' / f'checkpoint-{die_at}'}" in resumed.stderr
     assert max_diff(weights(out / "sft"), weights(killed / "sft")) == 0.0
     assert json.loads((killed / "sft" / "metrics.json").read_text())["eval_loss"] == ours["eval_loss"]

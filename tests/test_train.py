@@ -82,6 +82,14 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, shapes):
     stage_dir = interrupted.stage_dir("sft")
     assert (stage_dir / "checkpoint-3" / "adapter_model.safetensors").is_file()
     assert not (stage_dir / "checkpoint-6").exists()
+    # Resuming with another `train` list is named before anything trains (and leaves the checkpoint as it was).
+    changed = demo(tmp_path / "b", shapes, *RESUME, "stages.sft.train=[lora]")
+    with pytest.raises(
+        RecipeError,
+        match=r"checkpoint-3 was made training projector 407,680 \+ LoRA 65,536 "
+        r"parameters, this run trains projector 0 \+ LoRA 65,536 parameters: another `train` list",
+    ):
+        train(changed)
     resumed_loss = train(interrupted)["sft"]["train_loss"]  # align is done and skipped; sft resumes at step 3
     assert resumed_loss == pytest.approx(whole_loss, rel=1e-6)  # the whole stage's mean, not steps 4-6 only
     state = json.loads((stage_dir / "checkpoint-6" / "trainer_state.json").read_text())

@@ -20,6 +20,19 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return _is_dtensor(tensor) or hasattr(tensor, "ds_id")
 
 
+def gathers_per_call(module: nn.Module) -> bool:
+    """Whether calling `module` gathers its weights from the other processes (ZeRO-3 partitions them; an
+    FSDP2 unit of its own gathers at each call): then every process must call it whatever its batch holds,
+    or the others wait on a gather it never joins."""
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 def numel(tensor: torch.Tensor) -> int:
     """The whole tensor's size (a ZeRO-3 placeholder's own is 0; a DTensor's is already the global one)."""
     return getattr(tensor, "ds_numel", None) or tensor.numel()
@@ -64,11 +77,26 @@ def canonical(name: str) -> str:
 
 def whole_state(module: nn.Module, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
     """`module.state_dict()` entries whose (unwrapped) names `keep` accepts, each whole: gathered where
-    sharded, and then collective (every process calls it)."""
+    sharded, and then collective (every process calls it). What DeepSpeed trains is read from its fp32
+    master weights: under bf16 training the module holds only bf16 copies."""
     state = module.state_dict(keep_vars=True)
     items = [(canonical(name), t) for name, t in state.items() if keep(canonical(name))]
-    with gathered([t for _, t in items]) as whole:
-        return {name: t.detach().cpu() for (name, _), t in zip(items, whole)}
+    masters = {name: _fp32_master(t) for name, t in items}
+    rest = [(name, t) for name, t in items if masters[name] is None]
+    with gathered([t for _, t in rest]) as whole:
+        out = {name: t.detach().cpu() for (name, _), t in zip(rest, whole)}
+    return {name: out[name] if masters[name] is None else masters[name].detach().cpu() for name, _ in items}
+
+
+def _fp32_master(tensor: torch.Tensor) -> torch.Tensor | None:
+    """DeepSpeed's fp32 copy of a parameter it trains, whole (collective: DeepSpeed marks the same
+    parameters on every process), or None."""
+    trained = hasattr(tensor, "_hp_mapping") or (hasattr(tensor, "_z3_optimizer") and tensor.requires_grad)
+    if not trained:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(tensor)
 
 
 @contextlib.contextmanager
@@ -96,7 +124,8 @@ def refuse_sharded(tensors: dict[str, torch.Tensor], what: str, fix: str) -> Non
     """A clear error instead of reading shards or [0]-shaped placeholders as if they were weights."""
     sharded = [name for name, t in tensors.items() if is_sharded(t)]
     if sharded:
+        more = f" (and {len(sharded) - 1} more)" if len(sharded) > 1 else ""
         raise ValueError(
-            f"{what}: {sharded[0]} (and {len(sharded) - 1} more) is sharded across processes (FSDP / DeepSpeed "
-            f"ZeRO-3), so this process holds only a part of it; {fix}"
+            f"{what}: {sharded[0]}{more} is sharded across processes (FSDP / DeepSpeed ZeRO-3), so this process "
+            f"holds only a part of it; {fix}"
         )

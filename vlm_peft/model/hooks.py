@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import VLMConfig
+from .engines import gathers_per_call
 from .splice import check_image_count, image_runs
 from .vision import VisionTower
 
@@ -105,7 +106,7 @@ def _splice_images(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
         features = encode_images(module, pixel_values, image_features)
         kwargs["inputs_embeds"] = embed_with_images(module, input_ids, features)
         kwargs["input_ids"] = None
-    elif module.training and torch.is_grad_enabled():
+    elif (module.training and torch.is_grad_enabled()) or gathers_per_call(getattr(module, PROJECTOR_ATTR)):
         kwargs["inputs_embeds"] = embed_with_idle_projector(module, input_ids)
         kwargs["input_ids"] = None
     return (), kwargs
@@ -113,9 +114,10 @@ def _splice_images(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
 
 def embed_with_idle_projector(llm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Token embeddings of a batch without images, plus 0 x the projector's output on one all-zero
-    image: in training every rank then runs the same modules, in the same order, with the same
-    collectives whatever its batch holds (DDP needs no find_unused_parameters, FSDP / ZeRO-3 gathers never
-    wait on a rank that skipped the projector), and a frozen LLM's loss keeps a graph to backpropagate through."""
+    image: every rank then runs the same modules, in the same order, with the same collectives whatever
+    its batch holds (DDP needs no find_unused_parameters, FSDP / ZeRO-3 gathers never wait on a rank that
+    skipped the projector), and a frozen LLM's loss keeps a graph to backpropagate through. Used in
+    training, and in evaluation too when the projector's weights are gathered at each call."""
     cfg = get_state(llm).config
     projector = getattr(llm, PROJECTOR_ATTR)
     weight = next(projector.parameters())
@@ -152,7 +154,9 @@ def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # Runs already in a passed KV cache (a continued chat) need no image: only the new part does.
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     start = cache.get_seq_length() if cache is not None else 0
-    if _count_images(self, input_ids[:, start:], images) and "inputs_embeds" not in kwargs:
+    if "inputs_embeds" in kwargs:
+        _count_images(self, input_ids[:, start:], images)  # still refuses images that do not fit the runs
+    elif _count_images(self, input_ids[:, start:], images):
         if kwargs.get("prefill_chunk_size") or generation_config.prefill_chunk_size:
             raise ValueError("prefill_chunk_size cannot split images across chunks; unset it for image prompts.")
         if kwargs.get("assistant_model") is not None:
@@ -160,6 +164,9 @@ def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             features = encode_images(self, pixel_values, image_features)
             kwargs["inputs_embeds"] = embed_with_images(self, input_ids, features, start=start)
+    elif gathers_per_call(getattr(self, PROJECTOR_ATTR)):
+        with torch.no_grad():  # the processes prompting with images gather the projector's weights: join them
+            kwargs["inputs_embeds"] = embed_with_idle_projector(self, input_ids)
     return type(self).generate(self, *args, input_ids=input_ids, **kwargs)
 
 

@@ -74,3 +74,9 @@ def loss_so_far(checkpoint: str) -> tuple[float, int]:
             total += entry["loss"] * (entry["step"] - last)
             last = entry["step"]
     return total, last
+
+
+def trainable_record(checkpoint: str) -> dict[str, int] | None:
+    """Trainable parameter count by role when `checkpoint` was saved (None in checkpoints without it)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state.get("stateful_callbacks", {}).get(LOSS_KEY, {}).get("trainable")

@@ -25,6 +25,11 @@ from .recipe import Recipe, RecipeError
 logger = logging.getLogger(__name__)
 
 
+# Read at import, before any accelerator of this process sets them itself (accelerate does, for good).
+LAUNCHER_FLAGS = {flag: os.environ.get(flag, "false").lower() == "true" for flag in (
+    "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}  # fmt: skip
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -58,7 +63,7 @@ def setup(recipe: Recipe) -> None:
                 "pip install 'vlm-peft[deepspeed]'."
             ) from None
     for flag, name in (("ACCELERATE_USE_FSDP", "fsdp"), ("ACCELERATE_USE_DEEPSPEED", "deepspeed")):
-        if strategy != name and os.environ.get(flag, "false").lower() == "true":
+        if strategy != name and LAUNCHER_FLAGS[flag]:
             raise RecipeError(
                 f"distributed.strategy: {strategy}, but the launcher set {flag} (an accelerate config with {name}); "
                 f"set distributed.strategy: {name} in the recipe (its settings live there), or launch with a plain "
@@ -72,9 +77,16 @@ def setup(recipe: Recipe) -> None:
         )
 
 
+def begin_stage(recipe: Recipe) -> None:
+    """Before a stage's trainer arguments are built: a fresh accelerate state, as the stage's trainer makes
+    its own accelerator (DeepSpeed refuses a second one on the state of the first)."""
+    if world_size() > 1:
+        join(recipe)
+
+
 def join(recipe: Recipe) -> Any:
     """A fresh accelerate state over the launcher's processes (the process group itself stays): its state
-    is a process singleton, and each stage's trainer makes its own accelerator."""
+    is a process singleton."""
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
@@ -99,8 +111,8 @@ def _configured_state(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def trainer_args(recipe: Recipe, args: dict[str, Any]) -> dict[str, Any]:
-    """The stage's SFTConfig arguments `args` with what `distributed:` adds; called as the stage starts
-    (a ZeRO-3 config then changes how the stage's LLM loads: partitioned)."""
+    """The stage's SFTConfig arguments `args` with what `distributed:` adds; called as the stage starts,
+    after `begin_stage` (a ZeRO-3 config then changes how the stage's LLM loads: partitioned)."""
     if world_size() == 1:
         return args
     d = recipe.distributed
@@ -108,8 +120,7 @@ def trainer_args(recipe: Recipe, args: dict[str, Any]) -> dict[str, Any]:
     cpu = not torch.cuda.is_available()
     if d.strategy == "deepspeed":
         args["deepspeed"] = strategies.deepspeed_config(d)
-        if cpu:  # transformers' own state for DeepSpeed finds no backend on CPU: use the one joined over gloo
-            join(recipe)
+        if cpu:  # transformers' own state for DeepSpeed finds no backend on CPU: keep the one joined over gloo
             args = _configured_state(args)
         return args
     if cpu:

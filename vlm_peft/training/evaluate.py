@@ -58,6 +58,7 @@ def evaluate(
         if process[0] != 0:
             return {}, []
         part = _merge(parts)
+    _warn_if_too_long(processor, part[0], max_new_tokens)
     return _summary(*part), part[0]
 
 
@@ -111,7 +112,6 @@ def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_token
     collator = VLMCollator(processor, image_root)
     predictions: list[dict[str, Any]] = []
     totals = [0.0, 0, 0]  # loss sum, answer tokens, tokens right
-    warned = [False]
     step = batch_size * world
     for start in range(0, len(rows), step):
         batch = [rows[i] for i in range(start, min(start + step, len(rows)))]
@@ -127,7 +127,7 @@ def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_token
             run = share or members[:1]
             conversations |= {i: _conversation(batch[i], image_root, start + i) for i in run}
             chats = [conversations[i] for i in run]
-            texts |= dict(zip(run, _generate(model, processor, chats, tools, think, max_new_tokens)))
+            texts |= dict(zip(run, _generate(model, processor, chats, tools, think, max_new_tokens, world > 1)))
             mine += share
         mine.sort()
         scored = _score(model, collator, [batch[i] for i in mine or [0]])
@@ -135,7 +135,7 @@ def _evaluate(model, processor, rows, image_root, batch_size: int, max_new_token
             totals = [a + b for a, b in zip(totals, scored)]
         for i in mine:
             chat = conversations[i]
-            predictions.append(_prediction(processor, batch[i], chat, start + i, texts[i], max_new_tokens, warned))
+            predictions.append(_prediction(processor, batch[i], chat, start + i, texts[i]))
     return predictions, *totals
 
 
@@ -145,7 +145,7 @@ def _conversation(row: dict[str, Any], image_root, index: int) -> list[dict[str,
     return with_images(row["messages"], images)
 
 
-def _generate(model, processor, conversations, tools, think: bool, max_new_tokens: int) -> list[str]:
+def _generate(model, processor, conversations, tools, think: bool, max_new_tokens: int, synced: bool) -> list[str]:
     """Greedy answers to the conversations without their last turn, up to the end of the turn."""
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -159,7 +159,6 @@ def _generate(model, processor, conversations, tools, think: bool, max_new_token
         enable_thinking=think,
     )
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     out = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
@@ -167,7 +166,7 @@ def _generate(model, processor, conversations, tools, think: bool, max_new_token
         eos_token_id=end_of_turn,
         pad_token_id=tokenizer.pad_token_id,
         # Every process keeps stepping until all are done: a sharded model's forward is collective.
-        synced_gpus=distributed and torch.distributed.get_world_size() > 1,
+        synced_gpus=synced,
     )
     texts = []
     for ids in out[:, inputs["input_ids"].shape[1] :].tolist():
@@ -189,15 +188,8 @@ def _score(model, collator: VLMCollator, batch: list[dict[str, Any]]) -> tuple[f
     return loss, int(answer.sum()), int((answer_logits.argmax(-1) == answer_labels).sum())
 
 
-def _prediction(processor, row, conversation, index: int, text: str, max_new_tokens: int, warned: list[bool]) -> dict:
+def _prediction(processor, row, conversation, index: int, text: str) -> dict:
     target = _target(processor, conversation, row_tools(row))
-    tokens = len(processor.tokenizer(target, add_special_tokens=False)["input_ids"])
-    if not warned[0] and tokens >= max_new_tokens:
-        warned[0] = True
-        logger.warning(
-            "a target (%s…) is longer than max_new_tokens=%d: such answers cannot be matched; raise "
-            "eval.max_new_tokens (or --max-new-tokens)", target[:40], max_new_tokens,
-        )  # fmt: skip
     return {
         "index": index,
         "prompt": _answer(row["messages"][-2]) if len(row["messages"]) > 1 else "",
@@ -206,6 +198,17 @@ def _prediction(processor, row, conversation, index: int, text: str, max_new_tok
         # The answer is graded, not the reasoning before it.
         "correct": normalize(THINK.sub("", text)) == normalize(THINK.sub("", target)),
     }
+
+
+def _warn_if_too_long(processor, predictions: list[dict], max_new_tokens: int) -> None:
+    """Once per evaluation: a target longer than max_new_tokens can never be matched."""
+    for p in predictions:
+        if len(processor.tokenizer(p["target"], add_special_tokens=False)["input_ids"]) >= max_new_tokens:
+            logger.warning(
+                "a target (%s…) is longer than max_new_tokens=%d: such answers cannot be matched; raise "
+                "eval.max_new_tokens (or --max-new-tokens)", p["target"][:40], max_new_tokens,
+            )  # fmt: skip
+            return
 
 
 def format_summary(summary: dict[str, Any], title: str = "held-out") -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -28,13 +29,14 @@ from .build import (
     prepare_vision,
     trainable_counts,
 )
-from .checkpoints import finished_checkpoint, history, last_complete_checkpoint, loss_so_far
+from .checkpoints import finished_checkpoint, history, last_complete_checkpoint, loss_so_far, trainable_record
 from .curves import write_loss_curve
 from .distributed import barrier, global_batch, is_main, process
 from .evaluate import evaluate, format_summary
 from .preflight import check_paths, check_projector_width
 from .recipe import Recipe, RecipeError, StageSpec, dump_recipe
-from .trainer import FiniteGuard, VLMTrainer
+from .strategies import check_wrapped_classes
+from .trainer import FiniteGuard, VLMTrainer, trainable_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,8 @@ def run_stage(
         checkpoint = last_complete_checkpoint(stage_dir)
     if resume and checkpoint is None:
         logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
+    if checkpoint:
+        _check_same_trainables(stage, checkpoint, trainable_sizes(model))
     if is_main():
         _record_recipe(recipe, stage_dir, resuming=checkpoint is not None)
         logger.info("stage %s: global batch %s", stage.name, global_batch(args))
@@ -143,8 +147,23 @@ def run_stage(
     metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps, **counts}
     # Every process evaluates its share of the rows on the model as training left it (sharded or not).
     _evaluate_and_record(trainer, stage, processor, eval_rows, checkpoint if done is not None else None, metrics)
+    trainer.accelerator.free_memory()  # the engine and optimizer it holds: the next stage builds its own
     barrier()
     return metrics
+
+
+def _check_same_trainables(stage: StageSpec, checkpoint: str, now: dict[str, int]) -> None:
+    saved = trainable_record(checkpoint)
+    if saved is not None and saved != now:
+
+        def shown(sizes: dict[str, int]) -> str:
+            return f"projector {sizes.get('projector', 0):,} + LoRA {sizes.get('lora', 0):,} parameters"
+
+        raise RecipeError(
+            f"stages.{stage.name}: {checkpoint} was made training {shown(saved)}, this run trains {shown(now)}: "
+            "another `train` list or LoRA size. Resume with the recipe it was made with, or start over with "
+            "--resume no."
+        )
 
 
 def _evaluate_and_record(trainer, stage: StageSpec, processor, eval_rows, finished: str | None, metrics: dict) -> None:
@@ -274,8 +293,14 @@ def train(
                 spec.name,
                 later,
             )
+        distributed.begin_stage(recipe)
         args = sft_config(recipe, spec)  # first: under ZeRO-3 the LLM then loads partitioned
         model = build_stage_model(recipe, spec, base, previous, new_cfg)
+        check_wrapped_classes(recipe.distributed, model)
         results[spec.name] = run_stage(recipe, spec, args, model, processor, resume, callbacks)
+        del model  # before the next stage loads its own: no two LLMs in memory at once
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         previous = stage_dir
     return results

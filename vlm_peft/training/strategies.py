@@ -13,17 +13,23 @@ from .schema import RecipeError
 if TYPE_CHECKING:
     from .recipe import DistributedSpec
 
-# FSDP2 options passed on as transformers' `fsdp_config`, with what each does. Others (FSDP1's, and
-# cpu_ram_efficient_loading: the base is read whole by every process, which `attach` needs) are refused.
+# FSDP2 options passed on as transformers' `fsdp_config`, with what each does.
 FSDP_OPTIONS = {
     "version": "2 (FSDP1 is not supported)",
     "reshard_after_forward": "true: free a layer's gathered weights after its forward (least memory); false: keep "
     "them until backward (fewer gathers)",
     "activation_checkpointing": "FSDP's own, per decoder layer; default: the stage's activation_checkpointing",
-    "cpu_offload": "sharded weights and optimizer state in CPU memory",
     "transformer_layer_cls_to_wrap": "the classes sharded as one unit each; default: the model's decoder layer",
     "state_dict_type": "FULL_STATE_DICT (optimizer state gathered into one file) or SHARDED_STATE_DICT (one "
     "part per process)",
+}
+# Options transformers knows that vlm-peft refuses, and why.
+FSDP_REFUSED = {
+    "cpu_offload": "not supported yet: offloaded shards live in CPU memory, which the process group (NCCL "
+    "only) cannot gather, and it has not run on a GPU here; to save GPU memory use strategy deepspeed with "
+    "zero_optimization.offload_optimizer",
+    "cpu_ram_efficient_loading": "not supported: every process loads the base whole, as attaching the projector "
+    "needs it",
 }
 STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
 # DeepSpeed sections that would take over what vlm-peft's trainer does itself.
@@ -48,6 +54,8 @@ def fsdp_options(spec: DistributedSpec) -> dict[str, Any]:
     options = {}
     for key, value in (spec.fsdp or {}).items():
         name = key.removeprefix("fsdp_")
+        if name in FSDP_REFUSED:
+            raise RecipeError(f"distributed.fsdp.{key}: {FSDP_REFUSED[name]}.")
         if name not in FSDP_OPTIONS:
             allowed = "; ".join(f"{k}: {v}" for k, v in FSDP_OPTIONS.items())
             raise RecipeError(f"distributed.fsdp.{key}: not a supported FSDP2 option. Supported: {allowed}.")
@@ -55,7 +63,7 @@ def fsdp_options(spec: DistributedSpec) -> dict[str, Any]:
     where = "distributed.fsdp"
     if options.get("version", 2) != 2:
         raise RecipeError(f"{where}.version: only FSDP2 is supported (version: 2), got {options['version']!r}.")
-    for name in ("reshard_after_forward", "activation_checkpointing", "cpu_offload"):
+    for name in ("reshard_after_forward", "activation_checkpointing"):
         if name in options and not isinstance(options[name], bool):
             raise RecipeError(f"{where}.{name}: expected true or false, got {options[name]!r}.")
     layers = options.get("transformer_layer_cls_to_wrap")
@@ -106,3 +114,17 @@ def deepspeed_config(spec: DistributedSpec) -> dict[str, Any]:
 
 def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_wrapped_classes(spec: DistributedSpec, model: Any) -> None:
+    """FSDP's layer classes name classes of this model (accelerate would fail on them only once it shards)."""
+    named = (fsdp_options(spec) if spec.strategy == "fsdp" else {}).get("transformer_layer_cls_to_wrap")
+    if not named:
+        return
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [c for c in ([named] if isinstance(named, str) else named) if c not in present]
+    if missing:
+        raise RecipeError(
+            f"distributed.fsdp.transformer_layer_cls_to_wrap: {missing} not among the model's module classes "
+            f"(its decoder layer is {sorted(c for c in present if c.endswith('DecoderLayer'))})."
+        )

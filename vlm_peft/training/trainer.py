@@ -12,7 +12,7 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from trl import SFTTrainer
 
 from ..model.checkpoint import adapter_key, load_training_weights, param_role, save_adapter
-from ..model.engines import whole_state
+from ..model.engines import canonical, numel, whole_state
 
 # Key in a checkpoint's trainer_state.json `stateful_callbacks`: the sum of the per-step losses so far.
 LOSS_KEY = "VLMStageLoss"
@@ -29,12 +29,18 @@ class FiniteGuard(TrainerCallback):
     def __init__(self, stage: str) -> None:
         self.stage = stage
 
-    def _fail(self, state: Any, what: str) -> None:
+    def _fail(self, state: Any, what: str, applied: bool = False) -> None:
+        done = "" if applied else " Nothing of this step was applied;"
         raise NonFiniteError(
-            f"stage {self.stage}, step {state.global_step + 1}: {what}. Nothing of this step was applied; the last "
-            "checkpoint of the stage is its last good state (a rerun resumes from it). Lower the learning rate, "
-            "raise warmup, or look for a bad row in the step's batch."
+            f"stage {self.stage}, step {state.global_step + 1}: {what}.{done} The last checkpoint of the stage is "
+            "its last good state (a rerun resumes from it). Lower the learning rate, raise warmup, or look for a "
+            "bad row in the step's batch."
         )
+
+    def check_loss(self, state: Any, loss: torch.Tensor) -> None:
+        """Before backward: DeepSpeed steps its optimizer inside backward, before on_pre_optimizer_step."""
+        if not torch.isfinite(loss.detach()).all():
+            self._fail(state, f"the loss is {loss.detach().float().sum().item()}")
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if args.fp16 or model is None:  # fp16's grad scaler skips inf steps itself
@@ -48,7 +54,18 @@ class FiniteGuard(TrainerCallback):
         for key in ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if isinstance(value, float) and not math.isfinite(value) and not (args.fp16 and key == "grad_norm"):
-                self._fail(state, f"the logged {key} is {value}")
+                # Logged after the step: under DeepSpeed (which clips and steps inside backward) it was applied.
+                self._fail(state, f"the logged {key} is {value}", applied=bool(args.deepspeed))
+
+
+def trainable_sizes(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable parameter count by role (whole sizes, also when sharded)."""
+    sizes = {"projector": 0, "lora": 0}
+    for name, param in model.named_parameters():
+        role = param_role(canonical(name))
+        if param.requires_grad and role in sizes:
+            sizes[role] += numel(param)
+    return sizes
 
 
 class VLMTrainer(SFTTrainer):
@@ -79,7 +96,13 @@ class VLMTrainer(SFTTrainer):
         # transformers' train loss after a resume covers the resumed steps only; the running sum is kept
         # in the checkpoint so the stage's mean covers all of them.
         total = self.loss_before[0] + self._total_loss_scalar + float(self._tr_loss.item())
-        self.state.stateful_callbacks[LOSS_KEY] = {"loss_sum": total, "steps": self.state.global_step}
+        self.state.stateful_callbacks[LOSS_KEY] = {
+            "loss_sum": total,
+            "steps": self.state.global_step,
+            # What trains, so that a resume with another `train` list is named as such (under DeepSpeed or
+            # FSDP the optimizer state would otherwise fail to load deep inside the engine).
+            "trainable": trainable_sizes(self.model),
+        }
         super()._save_checkpoint(model, trial)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -157,16 +180,35 @@ class VLMTrainer(SFTTrainer):
         self._load_scaler(resume_from_checkpoint)
         return model, train_dataloader
 
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.is_deepspeed_enabled and model.training:
+            guard = next((c for c in self.callback_handler.callbacks if isinstance(c, FiniteGuard)), None)
+            if guard is not None:
+                guard.check_loss(self.state, result[0] if isinstance(result, tuple) else result)
+        return result
+
     def model_for_evaluation(self) -> torch.nn.Module:
-        """The model every process evaluates: as training left it. When no step ran in this process (a
-        stage that resumed at its end), a ZeRO-3 LLM is still partitioned with no engine to gather it in
-        forward: it gets an inference engine, as transformers' own evaluation gives it."""
+        """The model every process evaluates: as training left it (sharded, on its device). A stage that
+        resumed at its end ran no step here, so its model is prepared as training would have: a ZeRO-3 LLM
+        partitioned with no engine to gather it gets an inference engine (as in transformers' own
+        evaluation), an FSDP model is sharded, any other model goes to the process's device."""
+        if self.accelerator._models:
+            return self.model
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if self.is_deepspeed_enabled and self.deepspeed is None and plugin.zero_stage == 3:
+        if self.is_deepspeed_enabled and plugin.zero_stage == 3:
             from transformers.integrations.deepspeed import deepspeed_init
 
             deepspeed_init(self, num_training_steps=0, inference=True)
             self.model_wrapped = self.deepspeed = self.accelerator.prepare(self.model)
+        elif self.is_fsdp_enabled:
+            from accelerate.utils import fsdp2_prepare_model
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            self.model = self.model_wrapped = fsdp2_prepare_model(self.accelerator, self.model)
+            register_fsdp_forward_method(self.model, "generate")
+        else:
+            self.model.to(self.args.device)
         return self.model
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
