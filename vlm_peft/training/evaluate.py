@@ -40,9 +40,10 @@ def evaluate(
     """Each row's last assistant message is the target; everything before it is the prompt.
 
     `process` = (rank, world): with several processes every one calls this on the same rows and
-    evaluates its share (`batch_size` rows) of each batch of `batch_size` x world, all in lockstep (a sharded model gathers its weights in every
-    forward, so every process runs as many forwards and generation steps as the others); the main
-    process gets the whole summary and predictions, the others empty ones.
+    evaluates its share (`batch_size` rows) of each batch of `batch_size` x world, all in lockstep (a
+    sharded model gathers its weights in every forward, so every process runs as many forwards and
+    generation steps as the others); the main process gets the whole summary and predictions, the
+    others empty ones.
     """
     if max_samples is not None:
         rows = rows.select(range(min(max_samples, len(rows))))
