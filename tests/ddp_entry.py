@@ -6,7 +6,9 @@ VLM_PEFT_TEST_DIE_AT=ST:N   rank 0 dies right after writing stage ST's checkpoin
                             then stops the others);
 VLM_PEFT_TEST_DUMP=DIR      at the end of each stage's training, every process gathers the adapter's
                             weights from the model in memory (sharded or not) and rank 0 writes them
-                            to DIR/STAGE.safetensors, to compare with what the adapter dir reloads.
+                            to DIR/STAGE.safetensors, to compare with what the adapter dir reloads;
+VLM_PEFT_TEST_NO_SHM=1      DeepSpeed's CPU ranks all-reduce over gloo instead of the shared-memory op
+                            DeepSpeed compiles at its first start (~40 s on a fresh machine).
 """
 
 import os
@@ -21,6 +23,11 @@ from vlm_peft.model.checkpoint import adapter_key
 from vlm_peft.model.engines import whole_state
 from vlm_peft.training import stages
 from vlm_peft.training import trainer as trainer_module
+
+if os.environ.get("VLM_PEFT_TEST_NO_SHM"):
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # read where DeepSpeed would build it
 
 if os.environ.get("VLM_PEFT_TEST_SLOW_SAVE") and os.environ.get("RANK") == "0":
     original, seconds = trainer_module.save_adapter, float(os.environ["VLM_PEFT_TEST_SLOW_SAVE"])

@@ -114,10 +114,10 @@ STRATEGIES = {
     ),  # fmt: skip
     "zero2": (
         ["distributed.strategy=deepspeed", f"distributed.deepspeed={ROOT / 'recipes/deepspeed/zero2.json'}"],
-        {},
+        {"VLM_PEFT_TEST_NO_SHM": "1"},
         3,
     ),  # fmt: skip
-    "zero3": (["distributed.strategy=deepspeed", f"distributed.deepspeed={zero3()}"], {}, 2),
+    "zero3": (["distributed.strategy=deepspeed", f"distributed.deepspeed={zero3()}"], {"VLM_PEFT_TEST_NO_SHM": "1"}, 2),
 }
 
 
@@ -155,7 +155,7 @@ def reloaded(stage_dir: Path, base: Path) -> dict[str, torch.Tensor]:
 def test_two_ranks_equal_one_process_and_a_killed_run_resumes_bit_identical(tmp_path, shapes, one_process, strategy):
     """2 ranks x 1 row on the same global batch as one process x 2; in order, rank 1's rows (training and
     held-out) hold no image, so its collectives come from the idle projector. Then a run killed after an sft
-    checkpoint resumes (started with --nproc) and ends exactly where the uninterrupted run did."""
+    checkpoint resumes (FSDP2: started with --nproc) and ends exactly where the uninterrupted run did."""
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed", reason="DeepSpeed is in the dev extra: pip install -e '.[dev]'")
     reference, data = one_process
@@ -192,12 +192,15 @@ def test_two_ranks_equal_one_process_and_a_killed_run_resumes_bit_identical(tmp_
         return
     killed = tmp_path / "killed"
     args = mixed_settings(killed, shapes, data, 1, "stages.sft.args.save_steps=2", *extra)
-    dies = {**os.environ, "HF_HUB_OFFLINE": "1", "VLM_PEFT_TEST_DIE_AT": f"sft:{die_at}"}
+    dies = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "VLM_PEFT_TEST_DIE_AT": f"sft:{die_at}"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     dead = subprocess.run([*launcher, str(ROOT / "tests" / "ddp_entry.py"), "train", "recipes/demo.yaml", *args],
                           cwd=ROOT, env=dies, capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
     assert dead.returncode != 0 and not (killed / "sft" / "metrics.json").exists()
-    resumed = run([sys.executable, "-m", "vlm_peft.cli", "train", "recipes/demo.yaml", "--nproc", "2", *args])
+    if env:  # through the test entry, for its environment hooks
+        resumed = torchrun("train", "recipes/demo.yaml", *args, env=env)
+    else:
+        resumed = run([sys.executable, "-m", "vlm_peft.cli", "train", "recipes/demo.yaml", "--nproc", "2", *args])
     assert f"resuming from {killed / 'sft' / f'checkpoint-{die_at}'}" in resumed.stderr
     assert max_diff(weights(out / "sft"), weights(killed / "sft")) == 0.0
     assert json.loads((killed / "sft" / "metrics.json").read_text())["eval_loss"] == ours["eval_loss"]
