@@ -176,7 +176,7 @@ def test_interrupted_run_is_redone(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # after the images and jsonl files, before tokenizer and manifest
 
-    monkeypatch.setattr(synth, "_remove_stale_images", boom)
+    monkeypatch.setattr(synth.writer, "remove_stale_images", boom)
     with pytest.raises(KeyboardInterrupt):
         make_shapes_dataset(tmp_path / "ds", **SMALL)
     assert not (tmp_path / "ds" / "synth.json").exists()

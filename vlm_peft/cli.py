@@ -145,7 +145,7 @@ def _chat(args: argparse.Namespace) -> int:
 PASSTHROUGH = {
     "convert": "convert MiniMind-V / LLaVA / ShareGPT / OpenAI / caption data to the canonical format",
     "check": "validate a canonical dataset (images, structure, roles, lengths)",
-    "synth": "write the synthetic shapes dataset",
+    "synth": "write a synthetic task dataset (the shapes demo; glyphs, counting, spatial, compare)",
     "tokenizer": "train a tiny byte-level BPE (Qwen3's special tokens) on the texts of datasets",
 }
 
