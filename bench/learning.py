@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--set", action="append", default=[], help="recipe override for every run (key=value)")
     parser.add_argument("--data", type=Path, help="where the task datasets go (default: a temporary dir)")
+    parser.add_argument("--runs", type=Path, help="keep each run's output dir and log here (default: a temporary dir)")
     parser.add_argument("--out", type=Path, help="write every run's results as JSON here")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         datasets = {t: make_dataset(t, data_root / t, seed=0, **mode.data) for t in mode.tasks}
         jobs = [
             {"task": t, "variant": v, "seed": s, "data": str(datasets[t]), "align": args.align, "steps": mode.steps,
-             "out": str(Path(tmp) / "runs" / f"{t}-{v.replace('/', '_')}-{s}"), "every": mode.every,
+             "out": str((args.runs or Path(tmp) / "runs") / f"{t}-{v.replace('/', '_')}-{s}"), "every": mode.every,
              "probe_rows": mode.probe_rows, "threads": args.threads, "sets": args.set}
             for t in mode.tasks for s in mode.seeds for v in mode.variants
         ]  # fmt: skip

@@ -5,8 +5,8 @@ kind, to judge a projector on more than the task it was tuned on:
 
 - `glyphs`: a digit rendered from Pillow's font with varied size, stroke, slant, position and noise;
 - `counting`: one to nine small dots;
-- `spatial`: where one coloured shape is relative to another (left, right, above, below);
-- `compare`: two images, one shape each: the same, or different in shape, colour or both.
+- `spatial`: two shapes side by side or stacked; the colour of the one on the left / at the top;
+- `compare`: two images, one shape each: are they the same colour (shapes vary independently)?
 
 Each dataset dir holds `align_{train,eval}.jsonl` (captions) and `sft_{train,eval}.jsonl` (questions),
 images under `images/` (held-out images never repeat a train drawing), a tiny BPE tokenizer under
@@ -44,7 +44,7 @@ from .writer import ALIGN_PROMPTS, check_sizes, remove_stale_images, write_task
 
 TASKS = {"shapes": None, "glyphs": Glyphs, "counting": Counting, "spatial": Spatial, "compare": Compare}
 # Bump a task's number when its output for the same parameters changes, so old datasets are regenerated.
-TASK_FORMAT = {"glyphs": 1, "counting": 1, "spatial": 1, "compare": 1}
+TASK_FORMAT = {"glyphs": 1, "counting": 1, "spatial": 2, "compare": 2}
 
 __all__ = [
     "ALIGN_PROMPTS", "COLOURS", "FORMAT_VERSION", "SFT_COLOUR_Q", "SFT_DESCRIBE_Q", "SFT_SHAPE_Q", "SHAPES", "TASKS",

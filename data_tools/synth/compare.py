@@ -1,6 +1,6 @@
-"""Comparison across two images: each shows one coloured shape (as in the shapes demo); the answer says
-whether they match, or in what they differ. The projector runs on both images of a row, and the LLM
-relates its two placeholder runs."""
+"""Comparison across two images: each shows one coloured shape (as in the shapes demo); the question is
+whether the two have the same colour (their shapes vary independently). The projector runs on both images
+of a row, and the LLM relates its two placeholder runs."""
 
 from __future__ import annotations
 
@@ -13,13 +13,8 @@ from .common import article, background, draw_unique, jittered
 from .shapes import BACKGROUND_MIN, COLOUR_JITTER, COLOURS, SHAPES, Sample, place, render
 from .writer import ALIGN_PROMPTS
 
-QUESTION = "How do the two shapes differ?"
-ANSWERS = {
-    "same": "They are the same.",
-    "colour": "In colour.",
-    "shape": "In shape.",
-    "both": "In shape and colour.",
-}
+QUESTION = "Are the two shapes the same colour?"
+ANSWERS = {"same": "Yes.", "different": "No."}
 
 
 @dataclass(frozen=True)
@@ -43,9 +38,8 @@ class Compare:
     def draw(self, rng: random.Random, n: int, image_size: int, used: set) -> list[Duo]:
         def make(r: random.Random, difference: str) -> Duo:
             first = _sample(r, r.choice(SHAPES), r.choice(sorted(COLOURS)), image_size)
-            shape = first.shape if difference in ("same", "colour") else _other(r, first.shape, list(SHAPES))
-            colour = first.colour if difference in ("same", "shape") else _other(r, first.colour, sorted(COLOURS))
-            return Duo(difference, first, _sample(r, shape, colour, image_size))
+            colour = first.colour if difference == "same" else _other(r, first.colour, sorted(COLOURS))
+            return Duo(difference, first, _sample(r, r.choice(SHAPES), colour, image_size))
 
         return draw_unique(rng, n, list(ANSWERS), make, used, "image pair")
 

@@ -1,5 +1,10 @@
 """Spatial relations: two shapes of different colours, side by side or one above the other; the question
-names both colours and asks where the first is. Both what and where must come through the projector."""
+asks for the colour of the one on the left (side by side) or at the top (one above the other). Both
+colours are in every image, so a projector that keeps what but not where is right half the time.
+
+The side asked follows the layout rather than being drawn: with a random frozen LLM and LoRA, a
+question that names an arbitrary side (or both colours) stayed at that 50 % with every projector
+kind, mlp included (900 steps) — the lookup is then the LLM's to learn, not the projector's."""
 
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from .shapes import COLOURS, SHAPES, draw_shape
 from .writer import ALIGN_PROMPTS
 
 RELATIONS = ("left", "right", "above", "below")
-ANSWERS = {"left": "Left.", "right": "Right.", "above": "Above.", "below": "Below."}
 PHRASES = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+QUESTIONS = {"horizontal": "What colour is the shape on the left?", "vertical": "What colour is the shape at the top?"}
 MIN_SIZE_FRAC, MAX_SIZE_FRAC = 0.28, 0.36  # each shape's side, of the image side
 ACROSS_DRIFT_FRAC = 0.06
 
@@ -83,5 +88,13 @@ class Spatial:
     def qa(self, split: str, samples: list[Pair], rng: random.Random) -> list[tuple[str, str]]:
         if split.startswith("align"):
             return [(rng.choice(ALIGN_PROMPTS), caption(p)) for p in samples]
-        return [(f"Where is the {p.colours[0]} shape, seen from the {p.colours[1]} one?", ANSWERS[p.relation])
-                for p in samples]  # fmt: skip
+        return [(QUESTIONS[axis(p)], f"{first_colour(p).capitalize()}.") for p in samples]
+
+
+def axis(p: Pair) -> str:
+    return "horizontal" if p.relation in ("left", "right") else "vertical"
+
+
+def first_colour(p: Pair) -> str:
+    """The colour of the shape on the left, or at the top."""
+    return p.colours[0] if p.relation in ("left", "above") else p.colours[1]
