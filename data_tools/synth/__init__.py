@@ -92,14 +92,4 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=384, help="tokenizer vocabulary size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    make_dataset(
-        args.task,
-        args.out_dir,
-        seed=args.seed,
-        align_train=args.align_train,
-        align_eval=args.align_eval,
-        sft_train=args.sft_train,
-        sft_eval=args.sft_eval,
-        image_size=args.image_size,
-        vocab_size=args.vocab_size,
-    )
+    make_dataset(**vars(args))

@@ -68,7 +68,7 @@ class Counting:
             return NUMBERS[len(d.centres)]
 
         if split.startswith("align"):
-            noun = {True: "dot", False: "dots"}
-            return [(rng.choice(ALIGN_PROMPTS), f"{number(d).capitalize()} {d.colour} {noun[len(d.centres) == 1]}.")
+            return [(rng.choice(ALIGN_PROMPTS),
+                     f"{number(d).capitalize()} {d.colour} {'dot' if len(d.centres) == 1 else 'dots'}.")
                     for d in samples]  # fmt: skip
         return [(QUESTION, f"{number(d).capitalize()}.") for d in samples]
