@@ -40,6 +40,7 @@ class Variant:
     name: str
     kind: str
     tokens: int
+    revision: int = 2
 
 
 VARIANTS = {
@@ -47,6 +48,9 @@ VARIANTS = {
     for v in (
         Variant("cross_attention", "cross_attention", PATCHES),
         Variant("cross_attention/4", "cross_attention", PATCHES // 4),
+        # Revision 1 (slots reading through attention only): the design issue 14 measured against mlp.
+        Variant("cross_attention.r1", "cross_attention", PATCHES, revision=1),
+        Variant("cross_attention.r1/4", "cross_attention", PATCHES // 4, revision=1),
         Variant("mlp", "mlp", PATCHES),
         Variant("linear", "linear", PATCHES),
     )
@@ -72,7 +76,7 @@ FULL = Mode(
     probe_rows=100,
     seeds=(0, 1, 2),
     tasks=TASKS,
-    variants=tuple(VARIANTS),
+    variants=tuple(v for v in VARIANTS if ".r1" not in v),
 )
 QUICK = Mode(
     data={"align_train": 48, "align_eval": 8, "sft_train": 48, "sft_eval": 12},
@@ -111,6 +115,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         f"llm.tokenizer={data / 'tokenizer'}",
         f"projector.kind={variant.kind}",
         f"projector.num_image_tokens={variant.tokens}",
+        f"projector.revision={variant.revision}",
         *(f"stages.{s}.data.{x}={data / f'{s}_{x}.jsonl'}" for s in stages for x in ("train", "eval")),
         *(f"stages.{s}.args.{k}={v}" for s in stages for k, v in (("disable_tqdm", "true"), ("save_steps", 100000))),
         f"stages.sft.args.max_steps={job['steps']}",

@@ -1,4 +1,7 @@
-"""Batched `CrossAttentionProjector` vs the seed's per-image loop, forward+backward, side by side.
+"""Batched cross-attention vs the seed's per-image loop, forward+backward, side by side.
+
+It times revision 1 (`SlotCrossAttentionProjector`, slots reading through attention only), the design
+the seed looped over images; revision 2's attention blocks are the same batched code.
 
 Why: the design (fix 5) replaces the seed's Python loop over images with one batched attention over
 all images of the batch. This script measures what that buys on the same math and the same parameter
@@ -128,9 +131,10 @@ def trainable_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def make_cfg(kind: str, num_queries: int, s: Sizes) -> VLMConfig:
+def make_cfg(kind: str, num_queries: int, s: Sizes, revision: int = 1) -> VLMConfig:
     return VLMConfig(
         projector=kind,
+        projector_revision=revision,
         num_image_tokens=num_queries,
         projector_layers=s.layers,
         projector_heads=s.heads,
@@ -192,11 +196,13 @@ def param_table(s: Sizes) -> list[str]:
         f"Trainable projector parameters at hidden {s.hidden}, vision {s.vision_dim}, {s.num_patches} patches, "
         f"{s.layers} layers, {s.heads} heads, FFN x{s.ffn_mult}:"
     ]
-    rows = [("cross_attention", n) for n in sorted(set(s.queries) | {s.num_patches}, reverse=True)]
-    rows += [("mlp", s.num_patches), ("linear", s.num_patches)]
-    for kind, n in rows:
-        model = build_projector(make_cfg(kind, n, s), s.vision_dim, s.hidden, s.num_patches)
-        lines.append(f"  {kind:<16} N={n:<4} {trainable_params(model):>12,}")
+    rows = [("cross_attention", n, 2) for n in (s.num_patches, s.num_patches // 4)]
+    rows += [("cross_attention", n, 1) for n in sorted(set(s.queries) | {s.num_patches}, reverse=True)]
+    rows += [("mlp", s.num_patches, 2), ("linear", s.num_patches, 2)]
+    for kind, n, revision in rows:
+        model = build_projector(make_cfg(kind, n, s, revision), s.vision_dim, s.hidden, s.num_patches)
+        name = f"{kind} r{revision}" if kind == "cross_attention" else kind
+        lines.append(f"  {name:<19} N={n:<4} {trainable_params(model):>12,}")
     return lines
 
 

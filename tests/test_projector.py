@@ -2,17 +2,29 @@ import pytest
 import torch
 
 from vlm_peft import VLMConfig
-from vlm_peft.model.projector import CrossAttentionProjector, build_projector, sincos_2d
+from vlm_peft.model.projector import (
+    CrossAttentionProjector,
+    MLPProjector,
+    SlotCrossAttentionProjector,
+    build_projector,
+    sincos_2d,
+)
 
-VISION, HIDDEN, PATCHES, N = 24, 32, 16, 6
+VISION, HIDDEN, PATCHES, N = 24, 32, 16, 4
 
 
-def make(kind="cross_attention", n=N, **kw):
+def make(kind="cross_attention", n=N, open_gates=True, **kw):
     cfg = VLMConfig(
         vision_config={}, projector=kind, num_image_tokens=n, projector_heads=4, projector_dropout=0.0, **kw
     )
     torch.manual_seed(0)
-    return build_projector(cfg, VISION, HIDDEN, PATCHES).eval()
+    proj = build_projector(cfg, VISION, HIDDEN, PATCHES).eval()
+    if open_gates:  # as after training: the attention blocks contribute
+        with torch.no_grad():
+            for name, p in proj.named_parameters():
+                if name.endswith(("gate_attn", "gate_ffn")):
+                    p.fill_(0.5)
+    return proj
 
 
 def inputs(images=3, n=N):
@@ -72,22 +84,76 @@ def test_key_positions_are_2d_and_not_saved():
     assert "key_pos" not in proj.state_dict()
 
 
-def test_init_and_output_scale():
-    torch.manual_seed(0)
-    proj = make()
-    assert isinstance(proj, CrossAttentionProjector)
-    weight = proj.vision_adapter.weight
+def test_starts_as_an_mlp_per_cell_with_closed_gates():
+    """Revision 2 at init: LLaVA's MLP on each token's own cell (+ its slot embedding); the gated
+    attention adds nothing until training opens the gates."""
+    for n in (PATCHES, PATCHES // 4):
+        proj = make(n=n, open_gates=False)
+        assert isinstance(proj, CrossAttentionProjector)
+        gates = [p for name, p in proj.named_parameters() if "gate" in name]
+        assert len(gates) == 4 and all(g.item() == 0 for g in gates)
+        features, queries = inputs(n=n)
+        out = proj(features, queries)
+        if n == PATCHES:
+            mlp = MLPProjector(VISION, HIDDEN)
+            mlp.fc_in.load_state_dict(proj.content[0].state_dict())
+            mlp.fc_out.load_state_dict(proj.content[2].state_dict())
+            torch.testing.assert_close(out, mlp(features, queries) + proj.slot_embed)
+        else:
+            # 2x2 merge of the 4x4 grid: token 0 is patches 0, 1, 4, 5 side by side, and only those.
+            for patch in range(PATCHES):
+                changed = features.clone()
+                changed[0, patch] += 1.0
+                moved = (proj(changed, queries)[0] - out[0]).abs().sum(-1) > 0
+                row, col = divmod(patch, 4)
+                assert moved.tolist() == [i == (row // 2) * 2 + col // 2 for i in range(n)], patch
+    weight = proj.key_proj.weight
     std = VISION**-0.5  # unit gain from the vision side: content starts at the positions' scale
     assert weight.abs().max() <= 2 * std + 1e-6 and 0.8 * std < weight.std() < 0.95 * std  # 2-std cut: 0.88
-    # Far-apart widths so a fan-out (hidden) init could not pass for a fan-in one.
-    wide = build_projector(VLMConfig(vision_config={}, num_image_tokens=N, projector_heads=4), 8, 128, PATCHES)
-    assert 0.8 * 8**-0.5 < wide.vision_adapter.weight.std() < 0.95 * 8**-0.5
     inner = proj.layers[0].attn.to_q.weight
     assert inner.abs().max() <= 0.04 + 1e-6 and 0.01 < inner.std() < 0.03
+
+
+def test_open_gates_let_every_token_read_every_patch():
+    proj = make(n=PATCHES)
+    features, queries = inputs(n=PATCHES)
+    base = proj(features, queries)
+    changed = features.clone()
+    changed[0, 0] += 1.0
+    assert ((proj(changed, queries)[0] - base[0]).abs().sum(-1) > 0).all()
+
+
+def test_token_counts_off_the_grid_average_runs_of_patches_with_a_warning():
+    with pytest.warns(UserWarning, match="not the tower's 16 patches merged in square groups"):
+        proj = make(n=6)
+    features, queries = inputs(n=6)
+    assert proj(features, queries).shape == (3, 6, HIDDEN)
+
+
+def test_more_tokens_than_patches_is_refused():
+    with pytest.raises(ValueError, match="more than the vision tower's 16 patches"):
+        make(n=PATCHES + 1)
+
+
+def test_revision_1_loads_from_configs_saved_before_revision_2(tmp_path):
+    cfg = VLMConfig(vision_config={}, num_image_tokens=N, projector_heads=4)
+    data = cfg.to_dict()
+    assert data["projector_revision"] == 2
+    del data["projector_revision"]  # what a vlm_config.json from before revision 2 holds
+    old = VLMConfig.from_dict(data)
+    assert old.projector_revision == 1
+    proj = build_projector(old, VISION, HIDDEN, PATCHES).eval()
+    assert isinstance(proj, SlotCrossAttentionProjector)
+    assert {"vision_adapter.weight", "output_norm.weight", "layers.0.attn.to_q.weight"} <= set(proj.state_dict())
+    assert not any("gate" in k for k in proj.state_dict())
     proj.match_output_scale(0.05)
     features, queries = inputs()
     out = proj(features, queries)
     assert out.pow(2).mean().sqrt().item() == pytest.approx(0.05, rel=0.05)
+    cfg.save_pretrained(tmp_path)
+    assert VLMConfig.from_pretrained(tmp_path).projector_revision == 2
+    with pytest.raises(ValueError, match="projector_revision=3"):
+        VLMConfig(vision_config={}, projector_revision=3)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
@@ -107,15 +173,19 @@ def test_config_errors():
     with pytest.raises(ValueError, match="vision tower"):
         VLMConfig(vision_model=None)
     with pytest.raises(ValueError, match="not divisible"):
-        build_projector(VLMConfig(vision_config={}, projector_heads=5), VISION, HIDDEN, PATCHES)
+        build_projector(VLMConfig(vision_config={}, num_image_tokens=N, projector_heads=5), VISION, HIDDEN, PATCHES)
     with pytest.raises(ValueError, match="unknown VLMConfig keys"):
         VLMConfig.from_dict({"vision_config": {}, "projector_layer": 2})
 
 
-def test_gradients_reach_every_parameter():
-    proj = make()
+@pytest.mark.parametrize("open_gates", [False, True])
+def test_gradients_reach_every_parameter(open_gates):
+    proj = make(open_gates=open_gates)
     proj.train()
     features, queries = inputs()
     proj(features, queries).square().mean().backward()
     missing = [n for n, p in proj.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing
+    if open_gates:
+        assert not missing
+    else:  # closed gates: only the gates themselves learn in the blocks at first
+        assert missing and all(n.startswith(("layers.", "key_proj.")) and "gate" not in n for n in missing)

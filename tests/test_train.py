@@ -86,7 +86,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, shapes):
     changed = demo(tmp_path / "b", shapes, *RESUME, "stages.sft.train=[lora]")
     with pytest.raises(
         RecipeError,
-        match=r"checkpoint-3 was made training projector 407,680 \+ LoRA 65,536 "
+        match=r"checkpoint-3 was made training projector 432,260 \+ LoRA 65,536 "
         r"parameters, this run trains projector 0 \+ LoRA 65,536 parameters: another `train` list",
     ):
         train(changed)
@@ -132,6 +132,37 @@ def test_stage_bookkeeping(tmp_path, shapes, caplog):
         train(demo(tmp_path, shapes, "seed=9"))
     with pytest.raises(RecipeError, match=r"stages.sft.data.train: .* not found"):
         train(demo(tmp_path / "x", shapes, "stages.sft.data.train=nope.jsonl"))
+
+
+class OptimizerGroups(TrainerCallback):
+    """Tensors per starting learning rate (decayed and not together), read at the first step."""
+
+    def __init__(self):
+        self.groups = None
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.groups is None:
+            sizes: dict[float, int] = {}
+            for g in optimizer.param_groups:
+                sizes[g["initial_lr"]] = sizes.get(g["initial_lr"], 0) + len(g["params"])
+            self.groups = sorted(sizes.items())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # Revision 2: the cross-attention blocks (2 x 20 tensors) at a tenth of the projector's rate.
+        ((), [(3e-4, 40), (3e-3, 7)]),
+        (("stages.align.lr.attention=1e-5",), [(1e-5, 40), (3e-3, 7)]),
+        # Revision 1 keeps one projector group, so checkpoints made before revision 2 resume as before.
+        (("projector.revision=1",), [(3e-3, 41)]),
+    ],
+)
+def test_attention_blocks_learn_at_their_own_rate(tmp_path, shapes, overrides, expected):
+    groups = OptimizerGroups()
+    recipe = demo(tmp_path, shapes, "stages.align.args.max_steps=1", "stages.align.data.eval=null", *overrides)
+    train(recipe, stage="align", callbacks=[groups])
+    assert [(pytest.approx(lr), n) for lr, n in groups.groups] == expected
 
 
 @pytest.fixture(scope="module")
@@ -252,9 +283,9 @@ def test_qwen3_recipe_runs_a_step_at_real_width(tmp_path, shapes):
         ]
     recipe = load_recipe("recipes/qwen3-0.6b-clip.yaml", sets)
     results = train(recipe)
-    assert results["align"]["projector"] == 26_186_752 and results["align"]["lora"] == 0
+    assert results["align"]["projector"] == 28_021_764 and results["align"]["lora"] == 0
     # LoRA r=16 on q/k/v/o/gate/up/down: 360,448 per layer (10,092,544 for all 28).
-    assert results["sft"]["projector"] == 26_186_752 and results["sft"]["lora"] == 2 * 360_448
+    assert results["sft"]["projector"] == 28_021_764 and results["sft"]["lora"] == 2 * 360_448
     assert all(m["steps"] == 1 and torch.isfinite(torch.tensor(m["train_loss"])) for m in results.values())
 
 

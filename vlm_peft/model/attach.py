@@ -23,7 +23,7 @@ from .config import VLMConfig
 from .engines import gathered
 from .hooks import PROJECTOR_ATTR, STATE_ATTR, VLMState, get_state, install, uninstall
 from .lora import peft_wrapping
-from .projector import CrossAttentionProjector, build_projector
+from .projector import build_projector
 from .vision import VisionTower, load_vision_tower, vision_config_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -102,7 +102,7 @@ def attach(
     projector.to(device=embeddings.weight.device, dtype=torch.float32)
     if directory is not None:
         load_projector(projector, directory / PROJECTOR_FILE)
-    elif isinstance(projector, CrossAttentionProjector):
+    elif hasattr(projector, "match_output_scale"):  # revision-1 cross-attention
         # Under ZeRO-3 the embedding loaded partitioned: its RMS is read whole (every process attaches).
         with gathered([embeddings.weight]) as (weight,):
             projector.match_output_scale(weight.float().pow(2).mean().sqrt().item())

@@ -11,6 +11,7 @@ from typing import Any
 CONFIG_NAME = "vlm_config.json"
 FORMAT_VERSION = 1
 PROJECTOR_KINDS = ("cross_attention", "mlp", "linear")
+PROJECTOR_REVISIONS = (1, 2)
 
 
 @dataclass
@@ -34,6 +35,10 @@ class VLMConfig:
     projector_heads: int = 8
     projector_ffn_mult: int = 4
     projector_dropout: float = 0.1
+    # Which cross-attention design (BENCHMARKS §9): 2 = an MLP per grid cell refined by gated
+    # cross-attention; 1 = learned slots reading through attention only. A vlm_config.json without
+    # this key was saved before revision 2 and loads as 1.
+    projector_revision: int = 2
 
     image_token: str = "<|image_pad|>"
     vision_start_token: str = "<|vision_start|>"
@@ -67,6 +72,11 @@ class VLMConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VLMConfig.{name} must be a positive integer, got {value!r}.")
+        if self.projector_revision not in PROJECTOR_REVISIONS:
+            raise ValueError(
+                f"VLMConfig.projector_revision={self.projector_revision!r} is not known; "
+                f"use one of {PROJECTOR_REVISIONS}."
+            )
         if not 0.0 <= self.projector_dropout < 1.0:
             raise ValueError(f"VLMConfig.projector_dropout must be in [0, 1), got {self.projector_dropout!r}.")
         if self.format_version > FORMAT_VERSION:
@@ -89,7 +99,7 @@ class VLMConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown VLMConfig keys {unknown}; allowed keys are {sorted(known)}.")
-        return cls(**data)
+        return cls(**{"projector_revision": 1, **data})
 
     def save_pretrained(self, directory: str | Path) -> None:
         path = Path(directory)

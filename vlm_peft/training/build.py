@@ -145,6 +145,7 @@ def new_vlm_config(recipe: Recipe, vision_dir: str, processor: VLMProcessor) -> 
         projector_heads=p.heads,
         projector_ffn_mult=p.ffn_mult,
         projector_dropout=p.dropout,
+        projector_revision=p.revision,
         image_token_id=processor.image_token_id,
     )
 

@@ -12,6 +12,7 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from trl import SFTTrainer
 
 from ..model.checkpoint import adapter_key, load_training_weights, param_role, save_adapter
+from ..model.cross_attention import CrossAttentionProjector
 from ..model.engines import canonical, numel, whole_state
 
 # Key in a checkpoint's trainer_state.json `stateful_callbacks`: the sum of the per-step losses so far.
@@ -70,11 +71,15 @@ def trainable_sizes(model: torch.nn.Module) -> dict[str, int]:
 
 class VLMTrainer(SFTTrainer):
     """Checkpoints are adapter dirs (projector + LoRA in safetensors, no LLM copy), so resuming
-    restores exactly what trains; the optimizer has one learning rate for the projector and
-    another for LoRA (a tiny projector needs ~10x the LoRA rate to learn without collapse)."""
+    restores exactly what trains; the optimizer has one learning rate for the projector, one for the
+    cross-attention blocks inside a revision-2 projector, and one for LoRA (a tiny projector needs
+    ~10x the LoRA rate to learn without collapse; its attention blocks, ~1/10 of the projector's)."""
 
-    def __init__(self, *args: Any, projector_lr: float, lora_lr: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, projector_lr: float, lora_lr: float, attention_lr: float | None = None, **kwargs: Any
+    ) -> None:
         self.projector_lr = projector_lr
+        self.attention_lr = projector_lr / 10 if attention_lr is None else attention_lr
         self.lora_lr = lora_lr
         # (loss sum, steps) of the steps trained before this run resumed, for the stage's mean loss.
         self.loss_before: tuple[float, int] = (0.0, 0)
@@ -112,11 +117,20 @@ class VLMTrainer(SFTTrainer):
         decay = set(self.get_decay_parameter_names(model))
         # Groups by role, always in this order, so a checkpoint's optimizer state lines up on resume
         # whatever the rates are; the projector comes first so that logs show its learning rate.
-        roles = {"projector": self.projector_lr, "lora": self.lora_lr, "other": self.args.learning_rate}
+        # (Revision-1 projectors have no "attention" group, so their checkpoints resume as before.)
+        roles = {
+            "projector": self.projector_lr,
+            "attention": self.attention_lr,
+            "lora": self.lora_lr,
+            "other": self.args.learning_rate,
+        }
+        projectors = [m for m in model.modules() if isinstance(m, CrossAttentionProjector)]
+        blocks = {id(p) for m in projectors for p in m.layers.parameters()}
         groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(r, d): [] for r in roles for d in (True, False)}
         for name, param in model.named_parameters():
             if param.requires_grad:
                 role = param_role(name)
+                role = "attention" if role == "projector" and id(param) in blocks else role
                 role = role if role in roles else "other"
                 groups[(role, name in decay)].append(param)
         if not any(groups.values()):
