@@ -126,7 +126,7 @@ def test_peft_wrapped_equals_bare_and_trains_the_projector_copy(llm, processor, 
     # The hook calls the trainable copy: changing it changes the output.
     wrapper = getattr(llm, PROJECTOR_ATTR)
     with torch.no_grad():
-        wrapper.modules_to_save["default"].output_norm.bias.add_(1.0)
+        wrapper.modules_to_save["default"].slot_embed.add_(1.0)
         assert (peft_model(**batch).logits - bare).abs().max() > 1e-3
 
 

@@ -15,7 +15,6 @@ def model(llm, vlm_cfg):
     with torch.no_grad():  # loud image tokens, so that swapped images would change the text
         for p in model.vlm_projector.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        model.vlm_projector.output_norm.weight.fill_(1.0)
     return model
 
 

@@ -105,8 +105,9 @@ class CrossAttentionBlock(nn.Module):
         self.norm_ffn = nn.LayerNorm(hidden)
         self.ffn = nn.Sequential(nn.Linear(hidden, hidden * ffn_mult), nn.GELU(), nn.Linear(hidden * ffn_mult, hidden))
         self.drop = nn.Dropout(dropout)
-        self.gate_attn = nn.Parameter(torch.zeros(())) if gated else None
-        self.gate_ffn = nn.Parameter(torch.zeros(())) if gated else None
+        # Shape (1,), not (): FSDP2 cannot shard scalar parameters.
+        self.gate_attn = nn.Parameter(torch.zeros(1)) if gated else None
+        self.gate_ffn = nn.Parameter(torch.zeros(1)) if gated else None
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         attn = self.drop(self.attn(self.norm_q(x), self.norm_kv(kv)))
