@@ -19,7 +19,7 @@ def test_shipped_recipes_load():
     assert [s.name for s in demo.stages] == ["align", "sft"]
     assert demo.stage("sft").lora.r == 8 and demo.stage("align").lora is None
     assert [s.name for s in load_recipe("recipes/demo-sft.yaml").stages] == ["sft"]
-    for name in ("qwen3-0.6b-clip.yaml", "qwen3-0.6b-clip-64.yaml", "qwen3-8b-clip-fsdp.yaml"):
+    for name in ("qwen3-0.6b-clip.yaml", "qwen3-0.6b-clip-49.yaml", "qwen3-8b-clip-fsdp.yaml"):
         real = load_recipe(f"recipes/{name}")
         assert real.llm.name_or_path.startswith("Qwen/Qwen3-")
         assert real.vision.name_or_path == "openai/clip-vit-base-patch16"
