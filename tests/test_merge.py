@@ -1,5 +1,6 @@
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from vlm_peft import add_lora, attach, load, merge, save_adapter
+from vlm_peft.model.attach import vlm_config
 from vlm_peft.model.checkpoint import PROJECTOR_FILE
 
 from .conftest import make_image, user_turn
@@ -202,3 +204,32 @@ def test_merge_overwrite_onto_a_link_replaces_the_link(adapter, tmp_path):
     out = merge(adapter, link, overwrite=True)
     assert not out.is_symlink() and _text_model_ok(out) and _text_model_ok(real)  # the link's target is kept
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_adapter_saved_before_revision_2_loads_and_merges_as_revision_1(llm, processor, vlm_cfg, tmp_path):
+    """A vlm_config.json without `projector_revision` (written before revision 2): the slot projector it
+    was trained with is rebuilt, gives the logits it gave, and the merged dir keeps revision 1."""
+    llm.save_pretrained(tmp_path / "base")
+    model = add_lora(
+        attach(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), replace(vlm_cfg, projector_revision=1)), r=4
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+        expected = model.eval()(**inputs(processor)).logits
+    adapter = save_adapter(model, tmp_path / "adapter", processor=processor)
+    saved = json.loads((adapter / "vlm_config.json").read_text())
+    del saved["projector_revision"]
+    (adapter / "vlm_config.json").write_text(json.dumps(saved))
+
+    reloaded, _ = load(adapter)
+    assert vlm_config(reloaded).projector_revision == 1
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs(processor)).logits, expected, rtol=0, atol=1e-6)
+    merged_dir = merge(adapter, tmp_path / "merged")
+    assert json.loads((merged_dir / "vlm_config.json").read_text())["projector_revision"] == 1
+    merged, _ = load(merged_dir)
+    with torch.no_grad():
+        assert (merged(**inputs(processor)).logits - expected).abs().max().item() <= 1e-4

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -137,10 +139,11 @@ def test_more_tokens_than_patches_is_refused():
 
 def test_revision_1_loads_from_configs_saved_before_revision_2(tmp_path):
     cfg = VLMConfig(vision_config={}, num_image_tokens=N, projector_heads=4)
+    assert cfg.projector_revision == 2 and VLMConfig.from_dict(cfg.to_dict()).projector_revision == 2
     data = cfg.to_dict()
-    assert data["projector_revision"] == 2
     del data["projector_revision"]  # what a vlm_config.json from before revision 2 holds
-    old = VLMConfig.from_dict(data)
+    (tmp_path / "vlm_config.json").write_text(json.dumps(data))
+    old = VLMConfig.from_pretrained(tmp_path)
     assert old.projector_revision == 1
     proj = build_projector(old, VISION, HIDDEN, PATCHES).eval()
     assert isinstance(proj, SlotCrossAttentionProjector)
@@ -152,8 +155,17 @@ def test_revision_1_loads_from_configs_saved_before_revision_2(tmp_path):
     assert out.pow(2).mean().sqrt().item() == pytest.approx(0.05, rel=0.05)
     cfg.save_pretrained(tmp_path)
     assert VLMConfig.from_pretrained(tmp_path).projector_revision == 2
-    with pytest.raises(ValueError, match="projector_revision=3"):
-        VLMConfig(vision_config={}, projector_revision=3)
+    for bad in (3, True, 2.0):
+        with pytest.raises(ValueError, match="projector_revision"):
+            VLMConfig(vision_config={}, projector_revision=bad)
+
+
+def test_merging_more_than_4x4_patches_into_a_token_is_refused():
+    with pytest.raises(ValueError, match=r"each token of 8x8 patches: .* 512 inputs. Use at least 4 tokens"):
+        build_projector(VLMConfig(vision_config={}, num_image_tokens=1, projector_heads=4), 8, HIDDEN, 64)
+    # Revision 1 takes any count.
+    cfg = VLMConfig(vision_config={}, num_image_tokens=1, projector_heads=4, projector_revision=1)
+    assert isinstance(build_projector(cfg, 8, HIDDEN, 64), SlotCrossAttentionProjector)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])

@@ -72,6 +72,19 @@ def test_overrides_address_stages_by_name_and_parse_values():
             r"num_image_tokens: projector kind 'mlp' .* must be 16",
         ),
         (lambda d: d["projector"].update(dropout=1.5), r"projector.dropout: must be in \[0, 1\)"),
+        (lambda d: d["projector"].update(revision=3), r"projector.revision: 3 is not one of \[1, 2\]"),
+        (
+            lambda d: d["projector"].update(num_image_tokens=17),
+            r"num_image_tokens: 17 is more than this tower's 16 patches",
+        ),
+        (
+            lambda d: d["projector"].update(kind="mlp") or d["stages"][1]["lr"].update(attention=1e-4),
+            r"stages.sft.lr.attention: only the gated attention blocks .* projector is 'mlp'",
+        ),
+        (
+            lambda d: d["projector"].update(revision=1) or d["stages"][1]["lr"].update(attention=1e-4),
+            r"stages.sft.lr.attention: .* 'cross_attention' \(revision 1\): remove it",
+        ),
         (lambda d: d["llm"].update(name_or_path="Qwen/Qwen3-0.6B"), r"llm: set exactly one of name_or_path"),
         (lambda d: d["llm"].pop("tokenizer"), r"llm.tokenizer: required with llm.random"),
         (lambda d: d["llm"].update(dtype="fp8"), r"llm.dtype: 'fp8' is not one of"),

@@ -106,6 +106,21 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, shapes):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_checkpoint_from_before_revision_2_resumes_with_revision_1_named(tmp_path, shapes):
+    align = ["stages.align.args.max_steps=4", "stages.align.args.save_steps=2", "stages.align.data.eval=null"]
+    old = demo(tmp_path, shapes, *align, "projector.revision=1")
+    with pytest.raises(Killed):
+        train(old, stage="align", callbacks=[KillAfterSave(2)])
+    config = old.stage_dir("align") / "checkpoint-2" / "vlm_config.json"
+    saved = json.loads(config.read_text())
+    del saved["projector_revision"]  # as written before revision 2
+    config.write_text(json.dumps(saved))
+    with pytest.raises(RecipeError, match=r"made with projector 'cross_attention' revision 1, this run builds "
+                       r"'cross_attention' revision 2: resume with .*--set projector.revision=1"):  # fmt: skip
+        train(demo(tmp_path, shapes, *align), stage="align")
+    assert train(old, stage="align")["align"]["steps"] == 4
+
+
 def test_stage_bookkeeping(tmp_path, shapes, caplog):
     recipe = demo(
         tmp_path,

@@ -68,7 +68,13 @@ class VLMConfig:
             raise ValueError(
                 "VLMConfig needs a vision tower: set `vision_model` (hub id or local dir) or `vision_config`."
             )
-        for name in ("num_image_tokens", "projector_layers", "projector_heads", "projector_ffn_mult"):
+        for name in (
+            "num_image_tokens",
+            "projector_layers",
+            "projector_heads",
+            "projector_ffn_mult",
+            "projector_revision",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VLMConfig.{name} must be a positive integer, got {value!r}.")
@@ -99,7 +105,7 @@ class VLMConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown VLMConfig keys {unknown}; allowed keys are {sorted(known)}.")
-        return cls(**{"projector_revision": 1, **data})
+        return cls(**data)
 
     def save_pretrained(self, directory: str | Path) -> None:
         path = Path(directory)
@@ -115,4 +121,6 @@ class VLMConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if isinstance(data, dict):
+            data.setdefault("projector_revision", 1)  # saved before revision 2 existed
         return cls.from_dict(data, source=str(path))

@@ -158,6 +158,13 @@ def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Pa
     torch.manual_seed(recipe.seed)
     with whole_models():
         model = attach(llm, init_from, is_trainable=True) if init_from else attach(llm, new_cfg)
+    saved = get_state(unwrap(model)).config
+    if init_from and saved.projector_revision != new_cfg.projector_revision and saved.projector == new_cfg.projector:
+        logger.warning(
+            "stage %s trains on the projector of %s, made with projector revision %d; the recipe's revision %d "
+            "applies to new projectors only (rerun the earlier stages with --overwrite to switch).",
+            stage.name, init_from, saved.projector_revision, new_cfg.projector_revision,
+        )  # fmt: skip
     if "lora" in stage.train and not isinstance(model, PeftModel):
         spec = stage.lora
         model = add_lora(

@@ -25,7 +25,7 @@ DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")
 # SFTConfig fields the trainer sets itself, with what to use instead.
 RESERVED_ARGS = {
     "output_dir": "set the recipe's top-level output_dir; each stage writes to output_dir/<stage name>",
-    "learning_rate": "use lr.projector and lr.lora of the stage",
+    "learning_rate": "use lr.projector, lr.lora (and lr.attention) of the stage",
     "remove_unused_columns": "the collator needs every column; vlm-peft sets it",
     "dataset_kwargs": "vlm-peft prepares the dataset itself",
     "dataset_text_field": "rows are conversations in `messages`",
@@ -212,14 +212,20 @@ def validate(recipe: Recipe) -> Recipe:
     if not 0 <= p.dropout < 1:
         raise RecipeError(f"projector.dropout: must be in [0, 1), got {p.dropout}.")
     _choice(p.revision, PROJECTOR_REVISIONS, "projector.revision")
-    if recipe.vision.random is not None and p.kind != "cross_attention":
+    per_cell = p.kind == "cross_attention" and p.revision == 2
+    if recipe.vision.random is not None and (p.kind != "cross_attention" or per_cell):
         cfg = recipe.vision.random
         if "image_size" in cfg and "patch_size" in cfg:
             patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
-            if p.num_image_tokens != patches:
+            if p.kind != "cross_attention" and p.num_image_tokens != patches:
                 raise RecipeError(
                     f"projector.num_image_tokens: projector kind {p.kind!r} emits one token per patch, so it must be "
                     f"{patches} for this tower, got {p.num_image_tokens}."
+                )
+            if per_cell and p.num_image_tokens > patches:
+                raise RecipeError(
+                    f"projector.num_image_tokens: {p.num_image_tokens} is more than this tower's {patches} patches; "
+                    "cross-attention revision 2 makes one token per patch or group of patches (revision 1 takes any)."
                 )
     d = recipe.distributed
     _choice(d.strategy, DISTRIBUTED_STRATEGIES, "distributed.strategy")
@@ -254,6 +260,12 @@ def validate(recipe: Recipe) -> Recipe:
         for name in ("projector", "lora", "attention"):
             if getattr(stage.lr, name) is not None and getattr(stage.lr, name) <= 0:
                 raise RecipeError(f"{path}.lr.{name}: must be > 0, got {getattr(stage.lr, name)}.")
+        if stage.lr.attention is not None and not per_cell:
+            what = f"{p.kind!r} (revision {p.revision})" if p.kind == "cross_attention" else repr(p.kind)
+            raise RecipeError(
+                f"{path}.lr.attention: only the gated attention blocks of cross-attention revision 2 have their own "
+                f"rate; this recipe's projector is {what}: remove it."
+            )
         _check_args(stage.args, f"{path}.args")
         if stage.args.get("eval_strategy", "no") != "no" and stage.data.eval is None:
             raise RecipeError(f"{path}.args.eval_strategy: needs an eval split in {path}.data.eval.")

@@ -17,7 +17,7 @@ from ..data.collator import VLMCollator
 from ..data.feature_cache import FeatureCache
 from ..data.rows import fit_to_length, load_rows
 from ..model.checkpoint import load_training_weights, unwrap
-from ..model.config import CONFIG_NAME
+from ..model.config import CONFIG_NAME, VLMConfig
 from ..model.hooks import get_state
 from . import distributed
 from .build import (
@@ -115,6 +115,7 @@ def run_stage(
     if resume and checkpoint is None:
         logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
     if checkpoint:
+        _check_same_projector(stage, checkpoint, get_state(unwrap(model)).config)
         _check_same_trainables(stage, checkpoint, trainable_sizes(model))
     if is_main():
         _record_recipe(recipe, stage_dir, resuming=checkpoint is not None)
@@ -150,6 +151,21 @@ def run_stage(
     trainer.accelerator.free_memory()  # the engine and optimizer it holds: the next stage builds its own
     barrier()
     return metrics
+
+
+def _check_same_projector(stage: StageSpec, checkpoint: str, now: VLMConfig) -> None:
+    """A checkpoint made before projector revision 2 holds a revision-1 projector: say so, not a shape error."""
+    path = Path(checkpoint) / CONFIG_NAME
+    if not path.is_file():
+        return
+    saved = VLMConfig.from_pretrained(checkpoint)
+    if (saved.projector, saved.projector_revision) != (now.projector, now.projector_revision):
+        raise RecipeError(
+            f"stages.{stage.name}: {checkpoint} was made with projector {saved.projector!r} revision "
+            f"{saved.projector_revision}, this run builds {now.projector!r} revision {now.projector_revision}: "
+            f"resume with --set projector.kind={saved.projector} --set projector.revision={saved.projector_revision}"
+            ", or start over with --resume no."
+        )
 
 
 def _check_same_trainables(stage: StageSpec, checkpoint: str, now: dict[str, int]) -> None:

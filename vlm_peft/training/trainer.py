@@ -75,11 +75,9 @@ class VLMTrainer(SFTTrainer):
     cross-attention blocks inside a revision-2 projector, and one for LoRA (a tiny projector needs
     ~10x the LoRA rate to learn without collapse; its attention blocks, ~1/10 of the projector's)."""
 
-    def __init__(
-        self, *args: Any, projector_lr: float, lora_lr: float, attention_lr: float | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, projector_lr: float, attention_lr: float, lora_lr: float, **kwargs: Any) -> None:
         self.projector_lr = projector_lr
-        self.attention_lr = projector_lr / 10 if attention_lr is None else attention_lr
+        self.attention_lr = attention_lr
         self.lora_lr = lora_lr
         # (loss sum, steps) of the steps trained before this run resumed, for the stage's mean loss.
         self.loss_before: tuple[float, int] = (0.0, 0)
@@ -124,6 +122,7 @@ class VLMTrainer(SFTTrainer):
             "lora": self.lora_lr,
             "other": self.args.learning_rate,
         }
+        # key_proj feeds only the attention but stays at the projector's rate: measured so (BENCHMARKS §9).
         projectors = [m for m in model.modules() if isinstance(m, CrossAttentionProjector)]
         blocks = {id(p) for m in projectors for p in m.layers.parameters()}
         groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(r, d): [] for r in roles for d in (True, False)}
