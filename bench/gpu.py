@@ -18,9 +18,10 @@ m x k by k x n is 2mkn):
   LLM backward = 1 x matmul part (frozen weights: activation gradients only, no weight gradients;
                  they must flow through every layer to reach the projector) + 2 x attention part.
   LoRA         = 3 x B*S*L*sum_modules 2*r*(in+out)     (stage 2: trainable, fwd + dX + dW)
-  projector    = 3 x fwd - B*2*P*Dv*H   (trainable: fwd + dX + dW, except the input Linear's dX: its
-                 input is the frozen tower's output)
-                 fwd/image = 2*P*Dv*H + layers*(4*Q*H^2 + 4*P*H^2 + 4*Q*P*H + 4*m*Q*H^2)
+  projector    = 3 x fwd - B*4*P*Dv*H   (trainable: fwd + dX + dW, except the dX of the two Linears
+                 that read the frozen tower's output: the cell MLP's first, the key projection)
+                 fwd/image = 2*P*Dv*H (cell MLP in: Q cells of P/Q patches) + 2*Q*H^2 (its out)
+                             + 2*P*Dv*H (keys) + layers*(4*Q*H^2 + 4*P*H^2 + 4*Q*P*H + 4*m*Q*H^2)
   tower        = 1 x fwd/image * B, no backward
                  fwd/image = 2*P*3*p^2*Dv + Lv*(8*T*Dv^2 + 4*T*Dv*Iv + 4*T^2*Dv), T = P + 1 (CLS)
   MFU = FLOPs per step / step time / peak dense bf16 FLOPs (PEAK_TFLOPS by GPU name, or --peak-tflops).
@@ -255,8 +256,13 @@ def step_flops(s: Sizes, batch: int, lora: bool) -> dict[str, dict[str, float]]:
     b, seq, q, p, h = batch, s.seq_len, s.queries, s.patches, s.hidden
     llm_mm = b * seq * (2 * llm_linear_params(s) + 2 * h * s.vocab)
     llm_att = b * 4 * s.layers * seq**2 * s.heads * s.head_dim
+    # Revision 2: the MLP on each token's cell (p // q patches side by side), the key projection, the blocks.
+    cell = (p // q) * s.width
     proj_mm = b * (
-        2 * p * s.width * h + s.projector_layers * (4 * q * h * h + 4 * p * h * h + 4 * s.ffn_mult * q * h * h)
+        2 * q * cell * h
+        + 2 * q * h * h
+        + 2 * p * s.width * h
+        + s.projector_layers * (4 * q * h * h + 4 * p * h * h + 4 * s.ffn_mult * q * h * h)
     )
     proj_att = b * s.projector_layers * 4 * q * p * h
     t = p + 1
@@ -267,7 +273,8 @@ def step_flops(s: Sizes, batch: int, lora: bool) -> dict[str, dict[str, float]]:
     tower_att = b * s.vision_layers * 4 * t * t * s.width
     parts = {
         "tower fwd": {"matmul": tower_mm, "attention": tower_att},
-        "projector fwd+bwd": {"matmul": 3 * proj_mm - b * 2 * p * s.width * h, "attention": 3 * proj_att},
+        # No input gradient for the two layers that read the frozen tower's features.
+        "projector fwd+bwd": {"matmul": 3 * proj_mm - b * 2 * (p * s.width + q * cell) * h, "attention": 3 * proj_att},
         "LLM fwd": {"matmul": llm_mm, "attention": llm_att},
         "LLM bwd": {"matmul": llm_mm, "attention": 2 * llm_att},
     }

@@ -86,7 +86,7 @@ class LoopBlock(nn.Module):
 
 
 class LoopProjector(nn.Module):
-    """Same math as `CrossAttentionProjector`, but the whole projector runs once per image in Python."""
+    """Same math as `SlotCrossAttentionProjector`, but the whole projector runs once per image in Python."""
 
     def __init__(self, vision_dim: int, hidden: int, num_patches: int, num_queries: int, s: Sizes) -> None:
         super().__init__()
