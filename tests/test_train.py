@@ -169,6 +169,8 @@ class OptimizerGroups(TrainerCallback):
         # Revision 2: the cross-attention blocks (2 x 20 tensors) at a tenth of the projector's rate.
         ((), [(3e-4, 40), (3e-3, 7)]),
         (("stages.align.lr.attention=1e-5",), [(1e-5, 40), (3e-3, 7)]),
+        # Tokens that merge 2x2 patches: the blocks relate cells, at the projector's rate (7 + 40 tensors).
+        (("projector.num_image_tokens=4",), [(3e-3, 47)]),
         # Revision 1 keeps one projector group, so checkpoints made before revision 2 resume as before.
         (("projector.revision=1",), [(3e-3, 41)]),
     ],

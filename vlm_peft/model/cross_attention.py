@@ -4,8 +4,8 @@ Revision 2 (the default; issue 14, BENCHMARKS §9). Each output token starts as 
 to its own cell of the patch grid — one patch when N = patches, a 2x2 (r x r) group of patches
 concatenated, pixel-unshuffle style, when N = patches / r² — and is then refined by pre-norm
 cross-attention blocks over every patch of the image, each sub-layer behind a tanh gate that starts
-at zero (Flamingo) and trained at a tenth of the projector's learning rate (`lr.attention`; at the
-full rate the blocks cost ~20 points on glyphs). So the projector starts as an MLP projector, which
+at zero (Flamingo); at one token per patch they train at a tenth of the projector's learning rate
+(`lr.attention`; at the full rate they cost ~20 points on glyphs). So the projector starts as an MLP projector, which
 learns fast from questions alone, and the attention adds what it learns to add. Revision 1
 (learned slots reading through attention only, adapters saved before revision 2) stays loadable;
 it trailed the MLP by 15-45 points on tasks it was not tuned on.
