@@ -14,6 +14,7 @@ it trailed the MLP by 15-45 points on tasks it was not tuned on.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from torch import nn
 
 from .config import VLMConfig
 from .init import init_weights, trunc_normal
+
+MAX_MERGE = 4  # patches per token side: beyond 4x4 the first layer is 16+ vision widths
 
 
 def sincos_2d(num_patches: int, dim: int) -> torch.Tensor:
@@ -123,7 +126,26 @@ class CrossAttentionProjector(nn.Module):
     def __init__(self, vision_dim: int, hidden: int, num_patches: int, cfg: VLMConfig) -> None:
         super().__init__()
         self.num_tokens = cfg.num_image_tokens
-        self.merge = merge_factor(num_patches, cfg.num_image_tokens)
+        if cfg.num_image_tokens > num_patches:
+            raise ValueError(
+                f"num_image_tokens={cfg.num_image_tokens} is more than the vision tower's {num_patches} patches; "
+                "revision 2 of the cross-attention projector makes one token per patch or per group of patches "
+                "(projector_revision=1, learned slots, takes any count)."
+            )
+        r = self.merge = merge_factor(num_patches, cfg.num_image_tokens)
+        if r > MAX_MERGE:
+            raise ValueError(
+                f"num_image_tokens={cfg.num_image_tokens} makes each token of {r}x{r} patches: the projector's first "
+                f"layer would take {r * r * vision_dim:,} inputs. Use at least {num_patches // MAX_MERGE**2} tokens "
+                f"(e.g. {num_patches // 4} for 2x2), or projector_revision=1 (learned slots, any count)."
+            )
+        if not r:
+            # Still works (equal runs of patches averaged), but loses detail a grid merge keeps.
+            warnings.warn(
+                f"num_image_tokens={cfg.num_image_tokens} is not the tower's {num_patches} patches merged in square "
+                f"groups (e.g. {num_patches // 4} for 2x2); each token's content is an average of patches.",
+                stacklevel=3,
+            )
         width = vision_dim * max(self.merge, 1) ** 2
         self.content = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         # A learned per-token embedding, so each query knows which cell it stands for (without it:

@@ -8,16 +8,12 @@ handled by one batched call; nothing loops over samples or images.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from .config import VLMConfig
-from .cross_attention import CrossAttentionProjector, SlotCrossAttentionProjector, merge_factor, sincos_2d
+from .cross_attention import CrossAttentionProjector, SlotCrossAttentionProjector, sincos_2d
 from .init import init_weights, trunc_normal
-
-MAX_MERGE = 4  # patches per token side: beyond 4x4 the first layer is 16+ vision widths
 
 __all__ = [
     "CrossAttentionProjector",
@@ -61,26 +57,6 @@ def build_projector(cfg: VLMConfig, vision_dim: int, hidden: int, num_patches: i
     if cfg.projector == "cross_attention":
         if cfg.projector_revision == 1:
             return SlotCrossAttentionProjector(vision_dim, hidden, num_patches, cfg)
-        if cfg.num_image_tokens > num_patches:
-            raise ValueError(
-                f"num_image_tokens={cfg.num_image_tokens} is more than the vision tower's {num_patches} patches; "
-                "revision 2 of the cross-attention projector makes one token per patch or per group of patches "
-                "(projector_revision=1, learned slots, takes any count)."
-            )
-        r = merge_factor(num_patches, cfg.num_image_tokens)
-        if r > MAX_MERGE:
-            raise ValueError(
-                f"num_image_tokens={cfg.num_image_tokens} makes each token of {r}x{r} patches: the projector's first "
-                f"layer would take {r * r * vision_dim:,} inputs. Use at least {num_patches // MAX_MERGE**2} tokens "
-                f"(e.g. {num_patches // 4} for 2x2), or projector_revision=1 (learned slots, any count)."
-            )
-        if not r:
-            # Still works (equal runs of patches averaged), but loses detail a grid merge keeps.
-            warnings.warn(
-                f"num_image_tokens={cfg.num_image_tokens} is not the tower's {num_patches} patches merged in square "
-                f"groups (e.g. {num_patches // 4} for 2x2); each token's content is an average of patches.",
-                stacklevel=2,
-            )
         return CrossAttentionProjector(vision_dim, hidden, num_patches, cfg)
     if cfg.num_image_tokens != num_patches:
         raise ValueError(
