@@ -19,9 +19,9 @@ m x k by k x n is 2mkn):
                  they must flow through every layer to reach the projector) + 2 x attention part.
   LoRA         = 3 x B*S*L*sum_modules 2*r*(in+out)     (stage 2: trainable, fwd + dX + dW)
   projector    = 3 x fwd - B*4*P*Dv*H   (trainable: fwd + dX + dW, except the dX of the two Linears
-                 that read the frozen tower's output: the cell MLP's first, the key projection)
-                 fwd/image = 2*P*Dv*H (cell MLP in: Q cells of P/Q patches) + 2*Q*H^2 (its out)
-                             + 2*P*Dv*H (keys) + layers*(4*Q*H^2 + 4*P*H^2 + 4*Q*P*H + 4*m*Q*H^2)
+                 that read the frozen tower's output: the patch MLP's first, the key projection)
+                 fwd/image = 2*P*Dv*H + 2*P*H^2 (the MLP on each patch) + 2*P*Dv*H (keys)
+                             + layers*(8*P*H^2 + 4*P^2*H + 4*m*P*H^2) + 2*P*H^2 (merge, when Q < P)
   tower        = 1 x fwd/image * B, no backward
                  fwd/image = 2*P*3*p^2*Dv + Lv*(8*T*Dv^2 + 4*T*Dv*Iv + 4*T^2*Dv), T = P + 1 (CLS)
   MFU = FLOPs per step / step time / peak dense bf16 FLOPs (PEAK_TFLOPS by GPU name, or --peak-tflops).
@@ -256,15 +256,15 @@ def step_flops(s: Sizes, batch: int, lora: bool) -> dict[str, dict[str, float]]:
     b, seq, q, p, h = batch, s.seq_len, s.queries, s.patches, s.hidden
     llm_mm = b * seq * (2 * llm_linear_params(s) + 2 * h * s.vocab)
     llm_att = b * 4 * s.layers * seq**2 * s.heads * s.head_dim
-    # Revision 2: the MLP on each token's cell (p // q patches side by side), the key projection, the blocks.
-    cell = (p // q) * s.width
+    # Revision 2: the MLP on each patch, the key projection, the blocks over patches, the r x r merge.
     proj_mm = b * (
-        2 * q * cell * h
-        + 2 * q * h * h
+        2 * p * s.width * h
+        + 2 * p * h * h
         + 2 * p * s.width * h
-        + s.projector_layers * (4 * q * h * h + 4 * p * h * h + 4 * s.ffn_mult * q * h * h)
+        + s.projector_layers * (8 * p * h * h + 4 * s.ffn_mult * p * h * h)
+        + (2 * p * h * h if q < p else 0)
     )
-    proj_att = b * s.projector_layers * 4 * q * p * h
+    proj_att = b * s.projector_layers * 4 * p * p * h
     t = p + 1
     tower_mm = b * (
         2 * p * 3 * s.patch**2 * s.width
@@ -274,7 +274,7 @@ def step_flops(s: Sizes, batch: int, lora: bool) -> dict[str, dict[str, float]]:
     parts = {
         "tower fwd": {"matmul": tower_mm, "attention": tower_att},
         # No input gradient for the two layers that read the frozen tower's features.
-        "projector fwd+bwd": {"matmul": 3 * proj_mm - b * 2 * (p * s.width + q * cell) * h, "attention": 3 * proj_att},
+        "projector fwd+bwd": {"matmul": 3 * proj_mm - b * 4 * p * s.width * h, "attention": 3 * proj_att},
         "LLM fwd": {"matmul": llm_mm, "attention": llm_att},
         "LLM bwd": {"matmul": llm_mm, "attention": 2 * llm_att},
     }

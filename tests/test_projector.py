@@ -86,9 +86,10 @@ def test_key_positions_are_2d_and_not_saved():
     assert "key_pos" not in proj.state_dict()
 
 
-def test_starts_as_an_mlp_per_cell_with_closed_gates():
-    """Revision 2 at init: LLaVA's MLP on each token's own cell (+ its slot embedding); the gated
-    attention adds nothing until training opens the gates."""
+def test_starts_as_an_mlp_per_patch_with_closed_gates():
+    """Revision 2 at init: LLaVA's MLP on each patch (+ its patch embedding), then the merge Linear over
+    each token's r x r group (+ the token's embedding); the gated attention adds nothing until training
+    opens the gates."""
     for n in (PATCHES, PATCHES // 4):
         proj = make(n=n, open_gates=False)
         assert isinstance(proj, CrossAttentionProjector)
@@ -96,13 +97,16 @@ def test_starts_as_an_mlp_per_cell_with_closed_gates():
         assert len(gates) == 4 and all(g.item() == 0 for g in gates)
         features, queries = inputs(n=n)
         out = proj(features, queries)
+        mlp = MLPProjector(VISION, HIDDEN)
+        mlp.fc_in.load_state_dict(proj.content[0].state_dict())
+        mlp.fc_out.load_state_dict(proj.content[2].state_dict())
+        per_patch = mlp(features, queries) + proj.patch_embed
         if n == PATCHES:
-            mlp = MLPProjector(VISION, HIDDEN)
-            mlp.fc_in.load_state_dict(proj.content[0].state_dict())
-            mlp.fc_out.load_state_dict(proj.content[2].state_dict())
-            torch.testing.assert_close(out, mlp(features, queries) + proj.slot_embed)
+            torch.testing.assert_close(out, proj.merge_proj(per_patch) + proj.slot_embed)
         else:
             # 2x2 merge of the 4x4 grid: token 0 is patches 0, 1, 4, 5 side by side, and only those.
+            cells = per_patch.reshape(3, 2, 2, 2, 2, HIDDEN).permute(0, 1, 3, 2, 4, 5).reshape(3, n, 4 * HIDDEN)
+            torch.testing.assert_close(out, proj.merge_proj(cells) + proj.slot_embed)
             for patch in range(PATCHES):
                 changed = features.clone()
                 changed[0, patch] += 1.0
@@ -161,7 +165,7 @@ def test_revision_1_loads_from_configs_saved_before_revision_2(tmp_path):
 
 
 def test_merging_more_than_4x4_patches_into_a_token_is_refused():
-    with pytest.raises(ValueError, match=r"each token of 8x8 patches: .* 512 inputs. Use at least 4 tokens"):
+    with pytest.raises(ValueError, match=r"each token of 8x8 patches: .* 2,048 inputs. Use at least 4 tokens"):
         build_projector(VLMConfig(vision_config={}, num_image_tokens=1, projector_heads=4), 8, HIDDEN, 64)
     # Revision 1 takes any count.
     cfg = VLMConfig(vision_config={}, num_image_tokens=1, projector_heads=4, projector_revision=1)

@@ -86,7 +86,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, shapes):
     changed = demo(tmp_path / "b", shapes, *RESUME, "stages.sft.train=[lora]")
     with pytest.raises(
         RecipeError,
-        match=r"checkpoint-3 was made training projector 432,260 \+ LoRA 65,536 "
+        match=r"checkpoint-3 was made training projector 450,820 \+ LoRA 65,536 "
         r"parameters, this run trains projector 0 \+ LoRA 65,536 parameters: another `train` list",
     ):
         train(changed)
@@ -167,10 +167,10 @@ class OptimizerGroups(TrainerCallback):
     ("overrides", "expected"),
     [
         # Revision 2: the cross-attention blocks (2 x 20 tensors) at a tenth of the projector's rate.
-        ((), [(3e-4, 40), (3e-3, 7)]),
-        (("stages.align.lr.attention=1e-5",), [(1e-5, 40), (3e-3, 7)]),
-        # Tokens that merge 2x2 patches: the blocks relate cells, at the projector's rate (7 + 40 tensors).
-        (("projector.num_image_tokens=4",), [(3e-3, 47)]),
+        ((), [(3e-4, 40), (3e-3, 10)]),
+        (("stages.align.lr.attention=1e-5",), [(1e-5, 40), (3e-3, 10)]),
+        # Tokens that merge 2x2 patches: the same tensors (the merge Linear is 4 times wider).
+        (("projector.num_image_tokens=4",), [(3e-4, 40), (3e-3, 10)]),
         # Revision 1 keeps one projector group, so checkpoints made before revision 2 resume as before.
         (("projector.revision=1",), [(3e-3, 41)]),
     ],
@@ -300,9 +300,9 @@ def test_qwen3_recipe_runs_a_step_at_real_width(tmp_path, shapes):
         ]
     recipe = load_recipe("recipes/qwen3-0.6b-clip.yaml", sets)
     results = train(recipe)
-    assert results["align"]["projector"] == 28_021_764 and results["align"]["lora"] == 0
+    assert results["align"]["projector"] == 29_272_068 and results["align"]["lora"] == 0
     # LoRA r=16 on q/k/v/o/gate/up/down: 360,448 per layer (10,092,544 for all 28).
-    assert results["sft"]["projector"] == 28_021_764 and results["sft"]["lora"] == 2 * 360_448
+    assert results["sft"]["projector"] == 29_272_068 and results["sft"]["lora"] == 2 * 360_448
     assert all(m["steps"] == 1 and torch.isfinite(torch.tensor(m["train_loss"])) for m in results.values())
 
 

@@ -103,8 +103,7 @@ class LoraSpec:
 class LRSpec:
     projector: float = 2e-4
     lora: float = 2e-5
-    # The cross-attention blocks of a revision-2 projector; None: the trainer's default (a tenth of
-    # `projector` at one token per patch, `projector` when tokens merge patches; BENCHMARKS §9).
+    # The cross-attention blocks of a revision-2 projector; None: a tenth of `projector` (BENCHMARKS §9).
     attention: float | None = None
 
 

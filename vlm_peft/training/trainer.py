@@ -69,15 +69,11 @@ def trainable_sizes(model: torch.nn.Module) -> dict[str, int]:
     return sizes
 
 
-def attention_rate(projector_lr: float, attention_lr: float | None, projectors: list[torch.nn.Module]) -> float:
-    """The learning rate of revision 2's gated attention blocks, unless the recipe sets one. At one token
-    per patch each token already holds its patch through the MLP and the blocks only refine it: at the
-    projector's rate they cost ~20 points on glyphs, at a tenth they add to it. When tokens merge
-    patches the blocks must relate the cells, and a tenth is too slow (compare 54.6 vs 76.8 % at N/4)."""
-    if attention_lr is not None:
-        return attention_lr
-    merged = any(getattr(m, "merge", 1) != 1 for m in projectors)
-    return projector_lr if merged else projector_lr / 10
+def attention_rate(projector_lr: float, attention_lr: float | None) -> float:
+    """The learning rate of revision 2's gated attention blocks, unless the recipe sets one: a tenth of
+    the projector's. The blocks only refine what each patch's MLP already holds; at the projector's
+    rate they cost ~20 points on glyphs, at a tenth they add to it (BENCHMARKS §9)."""
+    return projector_lr / 10 if attention_lr is None else attention_lr
 
 
 class VLMTrainer(SFTTrainer):
@@ -134,7 +130,7 @@ class VLMTrainer(SFTTrainer):
         blocks = {id(p) for m in projectors for p in m.layers.parameters()}
         roles = {
             "projector": self.projector_lr,
-            "attention": attention_rate(self.projector_lr, self.attention_lr, projectors),
+            "attention": attention_rate(self.projector_lr, self.attention_lr),
             "lora": self.lora_lr,
             "other": self.args.learning_rate,
         }
