@@ -21,7 +21,8 @@ m x k by k x n is 2mkn):
   projector    = 3 x fwd - B*4*P*Dv*H   (trainable: fwd + dX + dW, except the dX of the two Linears
                  that read the frozen tower's output: the patch MLP's first, the key projection)
                  fwd/image = 2*P*Dv*H + 2*P*H^2 (the MLP on each patch) + 2*P*Dv*H (keys)
-                             + layers*(8*P*H^2 + 4*P^2*H + 4*m*P*H^2) + 2*P*H^2 (merge, when Q < P)
+                             + layers*(8*P*H^2 + 4*P^2*H + 4*m*P*H^2) + 2*Q*r^2*H^2 (merge Linear;
+                             r x r patches per token, r = 1 off the grid)
   tower        = 1 x fwd/image * B, no backward
                  fwd/image = 2*P*3*p^2*Dv + Lv*(8*T*Dv^2 + 4*T*Dv*Iv + 4*T^2*Dv), T = P + 1 (CLS)
   MFU = FLOPs per step / step time / peak dense bf16 FLOPs (PEAK_TFLOPS by GPU name, or --peak-tflops).
@@ -57,6 +58,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config
 
 import vlm_peft
 from vlm_peft.model.checkpoint import unwrap
+from vlm_peft.model.cross_attention import merge_factor
 from vlm_peft.model.hooks import PROJECTOR_ATTR, get_state
 
 # The docstring's formula, printed and written to the JSON (None under `python -OO`).
@@ -262,7 +264,7 @@ def step_flops(s: Sizes, batch: int, lora: bool) -> dict[str, dict[str, float]]:
         + 2 * p * h * h
         + 2 * p * s.width * h
         + s.projector_layers * (8 * p * h * h + 4 * s.ffn_mult * p * h * h)
-        + (2 * p * h * h if q < p else 0)
+        + 2 * q * max(merge_factor(p, q), 1) ** 2 * h * h  # off the grid: over averaged patches
     )
     proj_att = b * s.projector_layers * 4 * p * p * h
     t = p + 1

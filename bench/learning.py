@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--steps", type=int, help="sft steps (default: the demo's 900)")
+    parser.add_argument("--steps", type=int, help="sft steps (default: demo-sft's 900)")
     parser.add_argument("--align", action="store_true", help="with the caption stage first (recipes/demo.yaml)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")

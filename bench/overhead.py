@@ -270,7 +270,7 @@ def gpu_estimate(s: Size) -> list[str]:
     h, layers, heads, vocab = 1024, 28, 16, 151_936
     b, seq = 4, 2048
     weights = (596_049_920 + 85_799_424) * 2  # frozen LLM + tower in bf16
-    trainable = 28_021_764 + 10_092_544
+    trainable = 29_272_068 + 10_092_544  # projector (revision 2, 196 tokens) + LoRA r=16
     states = trainable * (4 + 4 + 8)  # fp32 weights, grads, AdamW moments
     # Per layer activations (Korthikanti et al. 2022, bf16, no recomputation): s*b*h*(34 + 5*a*s/h) bytes.
     act_layer = seq * b * h * (34 + 5 * heads * seq / h)

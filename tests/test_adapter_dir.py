@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from vlm_peft import VLMConfig, VLMProcessor, add_lora, attach, detach, save_adapter
 from vlm_peft.model.checkpoint import PROJECTOR_FILE
-from vlm_peft.tiny import tiny_qwen3
+from vlm_peft.tiny import tiny_clip_config, tiny_image_processor, tiny_qwen3
 
 from .conftest import make_image, user_turn
 
@@ -67,6 +67,38 @@ def test_save_then_attach_to_fresh_base_gives_equal_logits(base_dir, processor, 
     assert not any(p.requires_grad for p in reloaded.parameters())
     trainable = attach(detach(reloaded), out, is_trainable=True)
     assert any(p.requires_grad for n, p in trainable.named_parameters() if "vlm_projector" in n)
+
+
+@pytest.mark.parametrize("tokens", [16, 4])
+def test_grid_token_counts_round_trip(base_dir, tokenizer, tmp_path, tokens):
+    """The fixtures' 8 tokens are off the 16-patch grid; one token per patch and a 2x2 merge save and
+    reload too, with open gates (trained) so that every part of the projector counts."""
+    processor = VLMProcessor(tiny_image_processor(32), tokenizer, num_image_tokens=tokens)
+    cfg = VLMConfig(vision_model=None, vision_config=tiny_clip_config(), num_image_tokens=tokens,
+                    projector_heads=4, projector_dropout=0.0, image_token_id=processor.image_token_id)  # fmt: skip
+    model = attach(fresh_base(base_dir), cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("gate_attn", "gate_ffn")):
+                param.fill_(0.5)
+    model = trained(model, processor)
+    with torch.no_grad():
+        expected = model(**batch_for(processor)).logits
+    out = save_adapter(model, tmp_path / "adapter", processor=processor)
+    with torch.no_grad():
+        got = attach(fresh_base(base_dir), out).eval()(**batch_for(VLMProcessor.from_pretrained(out))).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_revision_2_projector_of_the_early_layout_is_refused_with_a_hint(base_dir, vlm_cfg, tmp_path):
+    out = forget_checksums(save_adapter(attach(fresh_base(base_dir), vlm_cfg), tmp_path / "adapter"))
+    weights = load_file(out / PROJECTOR_FILE)
+    # Before the per-patch layout: no per-patch embedding and no merge Linear.
+    early = {k: v for k, v in weights.items() if not k.startswith(("patch_embed", "merge_proj"))}
+    save_file(early, out / PROJECTOR_FILE)
+    with pytest.raises(ValueError, match=r"missing keys \['merge_proj.bias', 'merge_proj.weight', 'patch_embed'\].*"
+                                         r"before 2026-12-02's per-patch layout: retrain it"):  # fmt: skip
+        attach(fresh_base(base_dir), out)
 
 
 def test_wrong_base_is_refused_naming_both(base_dir, processor, vlm_cfg, tmp_path, tokenizer):

@@ -131,9 +131,11 @@ def test_open_gates_let_every_token_read_every_patch():
 
 def test_token_counts_off_the_grid_average_runs_of_patches_with_a_warning():
     with pytest.warns(UserWarning, match="not the tower's 16 patches merged in square groups"):
-        proj = make(n=6)
+        proj = make(n=6, open_gates=False)
     features, queries = inputs(n=6)
-    assert proj(features, queries).shape == (3, 6, HIDDEN)
+    per_patch = proj.content(features) + proj.patch_embed
+    runs = torch.nn.functional.adaptive_avg_pool1d(per_patch.transpose(1, 2), 6).transpose(1, 2)
+    torch.testing.assert_close(proj(features, queries), proj.merge_proj(runs) + proj.slot_embed)
 
 
 def test_more_tokens_than_patches_is_refused():

@@ -150,9 +150,16 @@ def load_projector(projector: nn.Module, path: Path) -> None:
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
         shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong]
+        # Revision 2 changed layout once before any release (no patch_embed / merge_proj before it).
+        early = (
+            " It is a revision-2 projector from before 2026-12-02's per-patch layout: retrain it, or load "
+            "it with vlm-peft at commit 9ae248f."
+            if "patch_embed" in missing
+            else ""
+        )
         raise ValueError(
             f"{path} does not match the projector built from vlm_config.json: missing keys {missing}, "
-            f"unexpected keys {unexpected}, shape mismatches {shapes}."
+            f"unexpected keys {unexpected}, shape mismatches {shapes}.{early}"
         )
     projector.load_state_dict(state, strict=True)
 

@@ -35,9 +35,9 @@ class VLMConfig:
     projector_heads: int = 8
     projector_ffn_mult: int = 4
     projector_dropout: float = 0.1
-    # Which cross-attention design (BENCHMARKS §9): 2 = an MLP per grid cell refined by gated
-    # cross-attention; 1 = learned slots reading through attention only. A vlm_config.json without
-    # this key was saved before revision 2 and loads as 1.
+    # Which cross-attention design (BENCHMARKS §9): 2 = an MLP per patch refined by gated
+    # cross-attention, then a Linear per token over its patch or r x r group; 1 = learned slots
+    # reading through attention only. A vlm_config.json without this key loads as 1.
     projector_revision: int = 2
 
     image_token: str = "<|image_pad|>"

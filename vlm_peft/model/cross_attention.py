@@ -3,9 +3,9 @@
 Revision 2 (the default; issue 14, BENCHMARKS §9). Each patch starts as LLaVA's MLP on that patch,
 then pre-norm cross-attention blocks refine it over every patch of the image, each sub-layer behind a
 tanh gate that starts at zero (Flamingo), training at a tenth of the projector's learning rate
-(`lr.attention`; at the full rate they cost ~20 points on glyphs). At N = patches that is the output,
-one token per patch; at N = patches / r² a Linear merges each r x r group of patches' outputs, laid
-side by side (pixel unshuffle), into one token. So the projector starts as an MLP projector, which
+(`lr.attention`; at the full rate they cost ~20 points on glyphs). A Linear then makes each token from
+one patch's output (N = patches) or from an r x r group of patches' outputs laid side by side (N =
+patches / r², pixel unshuffle), plus a learned per-token embedding. So the projector starts as an MLP projector, which
 learns fast from questions alone, and the attention adds what it learns to add. Revision 1 (learned
 slots reading through attention only, adapters saved before revision 2) stays loadable; it trailed
 the MLP by 15-45 points on tasks it was not tuned on.
@@ -23,7 +23,7 @@ from torch import nn
 from .config import VLMConfig
 from .init import init_weights, trunc_normal
 
-MAX_MERGE = 4  # patches per token side: beyond 4x4 the merge layer takes 16+ hidden widths
+MAX_MERGE = 4  # patches per token side: at 4x4 the merge Linear already takes 16 hidden widths
 
 
 def sincos_2d(num_patches: int, dim: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ def merge_factor(num_patches: int, num_tokens: int) -> int:
 def merge_patches(features: torch.Tensor, num_tokens: int, r: int) -> torch.Tensor:
     """[images, patches, d] -> [images, num_tokens, d * r²]: each r x r cell's patches side by side,
     nothing averaged away (InternVL/Idefics3's pixel shuffle). Without such a grid (r = 0): the
-    average of equal runs of patches, [images, num_tokens, d]."""
+    average of (overlapping) runs of patches, [images, num_tokens, d]."""
     images, patches, dim = features.shape
     if r == 1:
         return features
@@ -121,8 +121,8 @@ class CrossAttentionBlock(nn.Module):
 
 
 class CrossAttentionProjector(nn.Module):
-    """Revision 2: an MLP per patch, refined by gated cross-attention over all patches, merged r x r
-    into one token per cell of the grid when N < patches."""
+    """Revision 2: an MLP per patch, refined by gated cross-attention over all patches, then a Linear
+    per token over its patch or its r x r group of patches (off the grid: over an average of patches)."""
 
     def __init__(self, vision_dim: int, hidden: int, num_patches: int, cfg: VLMConfig) -> None:
         super().__init__()
@@ -141,7 +141,7 @@ class CrossAttentionProjector(nn.Module):
                 f"(e.g. {num_patches // 4} for 2x2), or projector_revision=1 (learned slots, any count)."
             )
         if not r:
-            # Still works (equal runs of patches averaged), but loses detail a grid merge keeps.
+            # Still works (overlapping runs of patches averaged), but loses detail a grid merge keeps.
             warnings.warn(
                 f"num_image_tokens={cfg.num_image_tokens} is not the tower's {num_patches} patches merged in square "
                 f"groups (e.g. {num_patches // 4} for 2x2); each token is an average of patches' outputs.",
@@ -151,7 +151,7 @@ class CrossAttentionProjector(nn.Module):
         # between its patches (counting at N/4: 62.6 vs 41.6 % merging first, BENCHMARKS §9).
         self.content = nn.Sequential(nn.Linear(vision_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         # Learned embeddings per patch and per output token, so each query knows which patch it stands
-        # for and the LLM which cell a token holds (without: 44.7 vs 59.0 % on glyphs, BENCHMARKS §9).
+        # for and the LLM which cell a token holds (a zero-initialised one: 44.7 vs 59.0 % on glyphs, §9).
         self.patch_embed = nn.Parameter(torch.empty(num_patches, hidden))
         self.slot_embed = nn.Parameter(torch.empty(cfg.num_image_tokens, hidden))
         self.key_proj = nn.Linear(vision_dim, hidden)
@@ -161,7 +161,7 @@ class CrossAttentionProjector(nn.Module):
             for _ in range(cfg.projector_layers)
         )
         # Each r x r group of patches' outputs side by side -> one token; at r = 1 too (glyphs 90.1 vs
-        # 87.6 % without it, BENCHMARKS §9). Off the grid: the average of a run of patches.
+        # 87.6 % without it, BENCHMARKS §9). Off the grid: over the average of a run of patches.
         self.merge_proj = nn.Linear(max(r, 1) ** 2 * hidden, hidden)
         init_weights(self)
         # Unit gain for the keys: patch content must not start far weaker than the fixed positions.

@@ -76,7 +76,7 @@ class ProjectorSpec:
     heads: int = 8
     ffn_mult: int = 4
     dropout: float = 0.1
-    # cross_attention's design (VLMConfig.projector_revision): 2 = MLP per cell + gated attention.
+    # cross_attention's design (VLMConfig.projector_revision): 2 = MLP per patch + gated attention + merge.
     revision: int = 2
 
 
@@ -207,8 +207,8 @@ def validate(recipe: Recipe) -> Recipe:
     if not 0 <= p.dropout < 1:
         raise RecipeError(f"projector.dropout: must be in [0, 1), got {p.dropout}.")
     _choice(p.revision, PROJECTOR_REVISIONS, "projector.revision")
-    per_cell = p.kind == "cross_attention" and p.revision == 2
-    if recipe.vision.random is not None and (p.kind != "cross_attention" or per_cell):
+    per_patch = p.kind == "cross_attention" and p.revision == 2
+    if recipe.vision.random is not None and (p.kind != "cross_attention" or per_patch):
         cfg = recipe.vision.random
         if "image_size" in cfg and "patch_size" in cfg:
             patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
@@ -217,7 +217,7 @@ def validate(recipe: Recipe) -> Recipe:
                     f"projector.num_image_tokens: projector kind {p.kind!r} emits one token per patch, so it must be "
                     f"{patches} for this tower, got {p.num_image_tokens}."
                 )
-            if per_cell and p.num_image_tokens > patches:
+            if per_patch and p.num_image_tokens > patches:
                 raise RecipeError(
                     f"projector.num_image_tokens: {p.num_image_tokens} is more than this tower's {patches} patches; "
                     "cross-attention revision 2 makes one token per patch or group of patches (revision 1 takes any)."
@@ -255,7 +255,7 @@ def validate(recipe: Recipe) -> Recipe:
         for name in ("projector", "lora", "attention"):
             if getattr(stage.lr, name) is not None and getattr(stage.lr, name) <= 0:
                 raise RecipeError(f"{path}.lr.{name}: must be > 0, got {getattr(stage.lr, name)}.")
-        if stage.lr.attention is not None and not per_cell:
+        if stage.lr.attention is not None and not per_patch:
             what = f"{p.kind!r} (revision {p.revision})" if p.kind == "cross_attention" else repr(p.kind)
             raise RecipeError(
                 f"{path}.lr.attention: only the gated attention blocks of cross-attention revision 2 have their own "
