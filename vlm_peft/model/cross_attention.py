@@ -5,10 +5,10 @@ then pre-norm cross-attention blocks refine it over every patch of the image, ea
 tanh gate that starts at zero (Flamingo), training at a tenth of the projector's learning rate
 (`lr.attention`; at the full rate they cost ~20 points on glyphs). A Linear then makes each token from
 one patch's output (N = patches) or from an r x r group of patches' outputs laid side by side (N =
-patches / r², pixel unshuffle), plus a learned per-token embedding. So the projector starts as an MLP projector, which
-learns fast from questions alone, and the attention adds what it learns to add. Revision 1 (learned
-slots reading through attention only, adapters saved before revision 2) stays loadable; it trailed
-the MLP by 15-45 points on tasks it was not tuned on.
+patches / r², pixel unshuffle), plus a learned per-token embedding. So the projector starts as an MLP
+projector, which learns fast from questions alone, and the attention adds what it learns to add.
+Revision 1 (learned slots reading through attention only, adapters saved before revision 2) stays
+loadable; it trailed the MLP by 15-45 points on tasks it was not tuned on.
 """
 
 from __future__ import annotations

@@ -103,8 +103,13 @@ class LoraSpec:
 class LRSpec:
     projector: float = 2e-4
     lora: float = 2e-5
-    # The cross-attention blocks of a revision-2 projector; None: a tenth of `projector` (BENCHMARKS §9).
+    # The cross-attention blocks of a revision-2 projector; None: a tenth of `projector`. They only refine
+    # what each patch's MLP holds: at the MLP's rate they cost ~20 points on glyphs (BENCHMARKS §9).
     attention: float | None = None
+
+    @property
+    def attention_or_default(self) -> float:
+        return self.projector / 10 if self.attention is None else self.attention
 
 
 @dataclass

@@ -246,7 +246,7 @@ def _make_trainer(
         processing_class=processor,
         data_collator=VLMCollator(processor, image_root, max_length=args.max_length, features=features),
         projector_lr=stage.lr.projector,
-        attention_lr=stage.lr.attention,
+        attention_lr=stage.lr.attention_or_default,
         lora_lr=stage.lr.lora,
         callbacks=[FiniteGuard(stage.name), *(callbacks or [])],
     )

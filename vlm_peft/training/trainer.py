@@ -69,22 +69,13 @@ def trainable_sizes(model: torch.nn.Module) -> dict[str, int]:
     return sizes
 
 
-def attention_rate(projector_lr: float, attention_lr: float | None) -> float:
-    """The learning rate of revision 2's gated attention blocks, unless the recipe sets one: a tenth of
-    the projector's. The blocks only refine what each patch's MLP already holds; at the projector's
-    rate they cost ~20 points on glyphs, at a tenth they add to it (BENCHMARKS §9)."""
-    return projector_lr / 10 if attention_lr is None else attention_lr
-
-
 class VLMTrainer(SFTTrainer):
     """Checkpoints are adapter dirs (projector + LoRA in safetensors, no LLM copy), so resuming
     restores exactly what trains; the optimizer has one learning rate for the projector, one for the
     cross-attention blocks inside a revision-2 projector, and one for LoRA (a tiny projector needs
     ~10x the LoRA rate to learn without collapse; its attention blocks, ~1/10 of the projector's)."""
 
-    def __init__(
-        self, *args: Any, projector_lr: float, lora_lr: float, attention_lr: float | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, projector_lr: float, attention_lr: float, lora_lr: float, **kwargs: Any) -> None:
         self.projector_lr = projector_lr
         self.attention_lr = attention_lr
         self.lora_lr = lora_lr
@@ -125,15 +116,15 @@ class VLMTrainer(SFTTrainer):
         # Groups by role, always in this order, so a checkpoint's optimizer state lines up on resume
         # whatever the rates are; the projector comes first so that logs show its learning rate.
         # (Revision-1 projectors have no "attention" group, so their checkpoints resume as before.)
-        # key_proj feeds only the attention but stays at the projector's rate: measured so (BENCHMARKS §9).
-        projectors = [m for m in model.modules() if isinstance(m, CrossAttentionProjector)]
-        blocks = {id(p) for m in projectors for p in m.layers.parameters()}
         roles = {
             "projector": self.projector_lr,
-            "attention": attention_rate(self.projector_lr, self.attention_lr),
+            "attention": self.attention_lr,
             "lora": self.lora_lr,
             "other": self.args.learning_rate,
         }
+        # key_proj feeds only the attention but stays at the projector's rate: measured so (BENCHMARKS §9).
+        projectors = [m for m in model.modules() if isinstance(m, CrossAttentionProjector)]
+        blocks = {id(p) for m in projectors for p in m.layers.parameters()}
         groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(r, d): [] for r in roles for d in (True, False)}
         for name, param in model.named_parameters():
             if param.requires_grad:
