@@ -10,9 +10,10 @@ from typing import Any
 import datasets
 import torch
 
-from ..data.collator import IGNORE_INDEX, VLMCollator, encode_chats
+from ..data.collator import VLMCollator, encode_chats
 from ..data.processor import VLMProcessor
 from ..data.rows import WHERE, group_indices, open_image, row_tools, with_images
+from .answer_logits import answer_logits
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +180,10 @@ def _generate(model, processor, conversations, tools, think: bool, max_new_token
 
 def _score(model, collator: VLMCollator, batch: list[dict[str, Any]]) -> tuple[float, int, int]:
     """Teacher-forced loss sum, answer tokens and tokens right over the rows' answers."""
-    labelled = {k: v.to(model.device) for k, v in collator(batch).items()}
-    logits = model(**{k: v for k, v in labelled.items() if k != "labels"}).logits
-    labels = labelled["labels"][:, 1:]
-    answer = labels != IGNORE_INDEX
-    # Only the answer positions, in fp32: the full [batch, seq, vocab] in fp32 would not fit at Qwen's vocab.
-    answer_logits, answer_labels = logits[:, :-1][answer].float(), labels[answer]
-    loss = torch.nn.functional.cross_entropy(answer_logits, answer_labels, reduction="sum").item()
-    return loss, int(answer.sum()), int((answer_logits.argmax(-1) == answer_labels).sum())
+    logits, labels = answer_logits(model, {k: v.to(model.device) for k, v in collator(batch).items()})
+    # In fp32: a low-precision log-softmax over Qwen's vocab loses the small probabilities.
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+    return loss, labels.numel(), int((logits.argmax(-1) == labels).sum())
 
 
 def _prediction(processor, row, conversation, index: int, text: str) -> dict:

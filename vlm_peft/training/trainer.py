@@ -14,6 +14,7 @@ from trl import SFTTrainer
 from ..model.checkpoint import adapter_key, load_training_weights, param_role, save_adapter
 from ..model.cross_attention import CrossAttentionProjector
 from ..model.engines import canonical, numel, whole_state
+from .answer_logits import answer_positions_only
 
 # Key in a checkpoint's trainer_state.json `stateful_callbacks`: the sum of the per-step losses so far.
 LOSS_KEY = "VLMStageLoss"
@@ -194,7 +195,8 @@ class VLMTrainer(SFTTrainer):
         return model, train_dataloader
 
     def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        result = super().compute_loss(model, inputs, *args, **kwargs)
+        with answer_positions_only():
+            result = super().compute_loss(model, inputs, *args, **kwargs)
         if self.is_deepspeed_enabled and model.training:
             guard = next((c for c in self.callback_handler.callbacks if isinstance(c, FiniteGuard)), None)
             if guard is not None:
