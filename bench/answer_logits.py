@@ -4,8 +4,10 @@ against transformers' LlavaForConditionalGeneration with the same MLP projector,
 
 Stage 1 supervises a caption after the image and a prompt; stage 2 an answer, with LoRA r=16. The
 variants differ only in how the loss is computed: transformers' own path (`labels=`, full logits),
-TRL's fused LM head over every position (what SFTTrainer does off CUDA), and the shipped path (TRL's
-fused head over the supervised positions only, `vlm_peft.training.answer_logits`).
+TRL's fused LM head over every position (what SFTTrainer does off CUDA), transformers' logits at the
+supervised positions only (`logits_to_keep`, what evaluation uses), and the shipped training path (TRL's
+fused head over the supervised positions only, `vlm_peft.training.answer_logits`). On CPU TRL's head runs
+its torch fallback, which recomputes each tile in the backward: compare it with `logits_to_keep`.
 
 Run: `python -m bench.answer_logits` (real size, ~10 min on 2 CPU cores) or `--quick` (toy, for CI).
 """
@@ -27,7 +29,7 @@ from vlm_peft import VLMConfig, add_lora, attach, detach
 from vlm_peft.model.lora import DECODER_TARGETS
 from vlm_peft.model.vision import VisionTower, build_vision_model
 from vlm_peft.tiny import tiny_clip_config, tiny_qwen3_config
-from vlm_peft.training.answer_logits import answer_positions_only
+from vlm_peft.training.answer_logits import answer_logits, answer_positions_only
 
 from .overhead import IMAGE_ID, side_by_side
 from .sizes import CLIP_B16, QWEN3_0_6B
@@ -75,6 +77,9 @@ def step(model: torch.nn.Module, inputs: dict, how: str) -> float:
     start = time.perf_counter()
     if how == "full":
         loss = model(**inputs, use_cache=False).loss
+    elif how == "keep":
+        logits, labels = answer_logits(model, inputs)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
     else:
         with answer_positions_only() if how == "answer" else torch.enable_grad():
             loss = model(**inputs, use_cache=False, fused_lm_head=True).loss
@@ -134,6 +139,7 @@ def run_stage(s: Size, llm: Qwen3ForCausalLM, tower: VisionTower, stage: int) ->
         "transformers Llava, MLP, full logits": lambda: step(peer, inputs, "full"),
         "vlm-peft mlp, full logits (transformers loss)": ours("mlp", "full"),
         "vlm-peft mlp, TRL fused head, every position": ours("mlp", "every"),
+        "vlm-peft mlp, logits_to_keep + cross-entropy": ours("mlp", "keep"),
         "vlm-peft mlp, supervised positions only (shipped)": ours("mlp", "answer"),
         "vlm-peft cross-attention, supervised only (shipped)": ours("cross_attention", "answer"),
     }
