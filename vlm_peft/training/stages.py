@@ -15,7 +15,8 @@ from trl import SFTConfig
 
 from ..data.collator import VLMCollator
 from ..data.feature_cache import FeatureCache
-from ..data.rows import fit_to_length, load_rows
+from ..data.loading import load_rows
+from ..data.rows import fit_to_length
 from ..model.checkpoint import load_training_weights, unwrap
 from ..model.config import CONFIG_NAME, VLMConfig
 from ..model.hooks import get_state
