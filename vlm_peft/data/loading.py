@@ -24,7 +24,6 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from datasets.arrow_dataset import update_metadata_with_features
 
 from .rows import MESSAGES, WHERE, check_tool_columns, normalize_messages, normalize_row
