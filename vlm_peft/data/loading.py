@@ -15,7 +15,6 @@ import codecs
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets.arrow_dataset import update_metadata_with_features
 
-from .rows import MESSAGES, WHERE, check_tool_columns, normalize_messages, normalize_row
+from .rows import MESSAGES, WHERE, check_tool_columns, normalize_messages, normalize_row, processes
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +44,6 @@ JSON_ROWS = datasets.Features(
 )
 OPTIONAL_FIELDS = ("tool_calls", "reasoning_content")
 COLUMNS = ["messages", "images", "tools", WHERE]
-# Below this many rows one process normalises faster than starting several.
-PARALLEL_FROM = 20_000
 # Files up to this size are also keyed by their content: a rewrite within the file system's clock
 # tick (same size and mtime) must not be taken for the cached version.
 HASHED_UP_TO = 64 << 20
@@ -208,16 +205,6 @@ def _identity(path: Path, fmt: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def _num_proc(num_proc: int | None, rows: int) -> int | None:
-    if num_proc is not None:
-        if num_proc < 1:
-            raise ValueError(f"num_proc must be >= 1, got {num_proc}.")
-        return num_proc if num_proc > 1 and rows > 1 else None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    auto = min(cpus, 8, rows // PARALLEL_FROM)
-    return auto if auto > 1 else None
-
-
 def _generated(build: Any) -> datasets.Dataset:
     # datasets wraps a reader's error in DatasetGenerationError; the reader's own message names the line.
     try:
@@ -266,7 +253,7 @@ def load_rows(
             fn_kwargs={"path": where, "listed": fmt == "json"},
             features=JSON_ROWS,
             remove_columns=raw.column_names,
-            num_proc=_num_proc(num_proc, len(raw)),
+            num_proc=processes(num_proc, len(raw)),
             **map_args,
         )
     if fmt == "arrow":
@@ -294,7 +281,7 @@ def load_rows(
                 messages=_messages_like(raw), tools=datasets.Value("string"), **{WHERE: datasets.Value("string")}
             ),
             remove_columns=wanted,
-            num_proc=_num_proc(num_proc, len(raw)),
+            num_proc=processes(num_proc, len(raw)),
             **map_args,
         )
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -278,13 +279,29 @@ def measure_conversations(
     return out
 
 
+# Below this many rows one process checks or measures them faster than starting several.
+PARALLEL_FROM = 20_000
+
+
+def processes(num_proc: int | None, rows: int) -> int | None:
+    """`Dataset.map`'s num_proc for `rows` rows: `num_proc` as given, or one process per 20k rows (at most
+    8, and the CPUs this process may use); None for one."""
+    if num_proc is not None:
+        if num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {num_proc}.")
+        return num_proc if num_proc > 1 and rows > 1 else None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    auto = min(cpus, 8, rows // PARALLEL_FROM)
+    return auto if auto > 1 else None
+
+
 def fit_to_length(
     rows: datasets.Dataset, processor: Any, max_length: int, where: str, num_proc: int | None = None
 ) -> datasets.Dataset:
     """Drop (and count) rows that `max_length` would cut inside an image run, or before their first
     supervised token (they would train on nothing); count rows that only lose the end of their text.
     Training refuses a cut image rather than crashing mid-run. Rows are measured in `num_proc`
-    processes; only the three numbers per row are written (to the cache beside `rows`)."""
+    processes (default: as `processes`); only three numbers per row are written (to the cache beside `rows`)."""
 
     def measure(messages: list, tools: list | None) -> dict[str, list]:
         lengths = measure_conversations(processor, messages, tools or [None] * len(messages))
@@ -301,7 +318,7 @@ def fit_to_length(
         batch_size=256,
         input_columns=columns,
         remove_columns=rows.column_names,
-        num_proc=num_proc if num_proc and num_proc > 1 and len(rows) > 1 else None,
+        num_proc=processes(num_proc, len(rows)),
         desc=f"{where}: measuring rows",
     )
     tokens, image_end, first_label = (
