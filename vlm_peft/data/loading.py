@@ -237,6 +237,8 @@ def load_rows(
         desc=f"{where}: checking rows",
     )
     if fmt in ("jsonl", "json"):
+        if next(json_records(path, fmt), None) is None:  # (datasets has no words for a generator without rows)
+            raise ValueError(f"{path}: the dataset is empty.")
         # Parsed by vlm-peft, not datasets' JSON loader: content mixing strings and part lists has no Arrow schema.
         raw = _generated(
             lambda: datasets.Dataset.from_generator(
@@ -246,8 +248,6 @@ def load_rows(
                 cache_dir=str(root / f"raw-{key}"),
             )
         )
-        if not len(raw):
-            raise ValueError(f"{path}: the dataset is empty.")
         return raw.map(
             _normalize_json,
             fn_kwargs={"path": where, "listed": fmt == "json"},
