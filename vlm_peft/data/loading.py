@@ -15,6 +15,7 @@ import codecs
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,18 +164,18 @@ def _json_image(image: Any, where: str) -> str:
     return image
 
 
-def _normalize_json(batch: dict[str, list], *, path: str, listed: bool) -> dict[str, list]:
-    out: dict[str, list] = {name: [] for name in COLUMNS}
-    for line, text in zip(batch["line"], batch["text"]):
+def _normalize_json(table: pa.Table, *, path: str, listed: bool) -> pa.Table:
+    rows = []
+    for line, text in zip(table.column("line").to_pylist(), table.column("text").to_pylist()):
         where = f"{path}: row {line}" if listed else f"{path}:{line}"
         row = normalize_row(parse_json_row(text, where), where)
         row["images"] = [_json_image(image, where) for image in row["images"]]
-        for name in COLUMNS:
-            out[name].append(row[name])
-    return out
+        rows.append(row)
+    # Built by Arrow in one call: datasets' per-row encoding of the features would double the time.
+    return pa.Table.from_pylist(rows, schema=JSON_ROWS.arrow_schema)
 
 
-def _normalize_arrow(table: pa.Table, indices: list[int], *, path: str) -> dict[str, list]:
+def _normalize_arrow(table: pa.Table, indices: list[int], *, path: str, schema: pa.Schema) -> pa.Table:
     """messages and tools in Python; the images column only by its list lengths (its bytes stay put)."""
     n = table.num_rows
     messages = table.column("messages").to_pylist()
@@ -190,7 +191,7 @@ def _normalize_arrow(table: pa.Table, indices: list[int], *, path: str) -> dict[
         out["messages"].append(m)
         out["tools"].append(t)
         out[WHERE].append(where)
-    return out
+    return pa.Table.from_pydict(out, schema=schema)
 
 
 def _identity(path: Path, fmt: str) -> str:
@@ -240,21 +241,18 @@ def load_rows(
         if next(json_records(path, fmt), None) is None:  # (datasets has no words for a generator without rows)
             raise ValueError(f"{path}: the dataset is empty.")
         # Parsed by vlm-peft, not datasets' JSON loader: content mixing strings and part lists has no Arrow schema.
-        raw = _generated(
-            lambda: datasets.Dataset.from_generator(
-                _raw_json,
-                features=RAW_JSON,
-                gen_kwargs={"path": where, "fmt": fmt},
-                cache_dir=str(root / f"raw-{key}"),
+        raw = _raw_json(path, fmt, root / f"raw-{key}.arrow")
+        return (
+            raw.with_format("arrow")
+            .map(
+                _normalize_json,
+                fn_kwargs={"path": where, "listed": fmt == "json"},
+                features=JSON_ROWS,
+                remove_columns=raw.column_names,
+                num_proc=processes(num_proc, len(raw)),
+                **map_args,
             )
-        )
-        return raw.map(
-            _normalize_json,
-            fn_kwargs={"path": where, "listed": fmt == "json"},
-            features=JSON_ROWS,
-            remove_columns=raw.column_names,
-            num_proc=processes(num_proc, len(raw)),
-            **map_args,
+            .with_format(None)
         )
     if fmt == "arrow":
         raw = datasets.load_from_disk(where)  # memory-mapped where it lies
@@ -270,16 +268,17 @@ def load_rows(
     else:
         images = datasets.Dataset.from_dict({"images": [[]] * len(raw)}, features=datasets.Features(images=IMAGES))
     wanted = [c for c in ("messages", "tools", "images") if c in raw.column_names]
+    text_features = datasets.Features(
+        messages=_messages_like(raw), tools=datasets.Value("string"), **{WHERE: datasets.Value("string")}
+    )
     text = (
         raw.select_columns(wanted)
         .with_format("arrow")
         .map(
             _normalize_arrow,
             with_indices=True,
-            fn_kwargs={"path": where},
-            features=datasets.Features(
-                messages=_messages_like(raw), tools=datasets.Value("string"), **{WHERE: datasets.Value("string")}
-            ),
+            fn_kwargs={"path": where, "schema": text_features.arrow_schema},
+            features=text_features,
             remove_columns=wanted,
             num_proc=processes(num_proc, len(raw)),
             **map_args,
@@ -312,9 +311,29 @@ def _undecoded_images(images: datasets.Dataset, fingerprint: str) -> datasets.Da
     return datasets.Dataset(update_metadata_with_features(table, features), fingerprint=fingerprint)
 
 
-def _raw_json(path: str, fmt: str) -> Iterator[dict[str, Any]]:
-    for line, text in json_records(Path(path), fmt):
-        yield {"line": line, "text": text}
+def _raw_json(path: Path, fmt: str, out: Path, batch: int = 10_000) -> datasets.Dataset:
+    """The rows' text as an Arrow file (written once, then memory-mapped), for `Dataset.map` to parse in
+    several processes. Written by pyarrow a batch at a time: `Dataset.from_generator` encodes every row
+    in Python, which took as long as parsing them."""
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, RAW_JSON.arrow_schema) as writer:
+                lines: list[int] = []
+                texts: list[str] = []
+                for line, text in json_records(path, fmt):
+                    lines.append(line)
+                    texts.append(text)
+                    if len(lines) == batch:
+                        writer.write_table(pa.table([lines, texts], schema=RAW_JSON.arrow_schema))
+                        lines, texts = [], []
+                if lines:
+                    writer.write_table(pa.table([lines, texts], schema=RAW_JSON.arrow_schema))
+            os.replace(tmp, out)  # whole or not at all: a run killed while writing leaves no half file
+        finally:
+            tmp.unlink(missing_ok=True)
+    return datasets.Dataset.from_file(str(out))
 
 
 def first_row(path: str | Path, fmt: str = "auto") -> dict[str, Any]:
@@ -332,6 +351,7 @@ def first_row(path: str | Path, fmt: str = "auto") -> dict[str, Any]:
             raise ValueError(f"{path}: the dataset is empty.")
         return normalize_row(batch.to_pylist()[0], f"{path}: row 0")
     raw = datasets.load_from_disk(str(path))
-    if "images" in raw.column_names:
-        raw = raw.cast_column("images", datasets.List(IMAGE))
-    return normalize_row(raw[0], f"{path}: row 0")
+    if not len(raw):
+        raise ValueError(f"{path}: the dataset is empty.")
+    # The Arrow storage of row 0 (images as {"bytes", "path"}, undecoded); `cast_column` would copy the column.
+    return normalize_row(raw.data.slice(0, 1).to_pylist()[0], f"{path}: row 0")
