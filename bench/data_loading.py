@@ -97,23 +97,76 @@ def _peak_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
 
 
+def _anon_mb(pid: int | str = "self") -> float:
+    """Resident anonymous memory (heap, Python objects, Arrow buffers): what a load costs. The rest of RSS
+    is file pages of memory-mapped Arrow files, which the kernel drops under pressure like any page cache."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def _children() -> list[str]:
+    pids = []
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            pids += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return pids
+
+
+class AnonPeak:
+    """Samples the peak anonymous memory of this process and of its largest child (every 20 ms)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.own = self.child = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.own = max(self.own, _anon_mb())
+            self.child = max([self.child, *(_anon_mb(pid) for pid in _children())])
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.own = max(self.own, _anon_mb())
+
+
 def child(impl: str, path: Path, cache: Path) -> None:
-    """One load in this fresh process; prints seconds and peak resident memory as JSON."""
+    """One load in this fresh process; prints seconds and peak memory as JSON."""
     import datasets
 
     from vlm_peft.data.loading import load_rows
 
     datasets.config.HF_DATASETS_CACHE = cache
     datasets.disable_progress_bars()
-    base = _peak_mb(resource.RUSAGE_SELF)
-    start = time.perf_counter()
-    rows = load_before(path) if impl == "before" else load_rows(path)
-    last = rows[len(rows) - 1]  # one row read back: the result is usable, not just built
-    seconds = time.perf_counter() - start
+    base, base_anon = _peak_mb(resource.RUSAGE_SELF), _anon_mb()
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        rows = load_before(path) if impl == "before" else load_rows(path)
+        last = rows[len(rows) - 1]  # one row read back: the result is usable, not just built
+        seconds = time.perf_counter() - start
     assert last["messages"][-1]["role"] == "assistant"
-    peak = _peak_mb(resource.RUSAGE_SELF)
-    workers = _peak_mb(resource.RUSAGE_CHILDREN)
-    print(json.dumps({"seconds": seconds, "rows": len(rows), "base_mb": base, "peak_mb": peak, "workers_mb": workers}))
+    result = {
+        "seconds": seconds,
+        "rows": len(rows),
+        "base_mb": base,
+        "peak_mb": _peak_mb(resource.RUSAGE_SELF),
+        "base_anon_mb": base_anon,
+        "anon_mb": anon.own,
+        "workers_anon_mb": anon.child,
+    }
+    print(json.dumps(result))
 
 
 def measure(impl: str, path: Path, cache: Path) -> dict:
@@ -136,10 +189,14 @@ def _progress(cells: tuple[str, ...]) -> None:
 def loading_table(sizes: tuple[int, ...], before_up_to: int, tmp: Path, warm: bool = True) -> Path:
     """Prints the load table; returns the smallest parquet file (the collator reads it)."""
     print(
-        "load_rows, each load in a fresh process; peak RSS of the loading process (growth over its RSS after imports)"
-        " and the largest worker process's; `after` cold: empty cache; warm: the same file again"
+        "load_rows, each load in a fresh process. peak MB: the loading process's peak anonymous resident memory "
+        "(heap, Python objects, Arrow buffers), + its growth over the process after imports; RSS: its peak "
+        "resident set (ru_maxrss), which also counts the pages of memory-mapped Arrow files it touched (page "
+        "cache the kernel can drop); workers MB: the largest `Dataset.map` worker's peak anonymous memory. "
+        "after s: an empty cache; warm s: the same file again (the cache's Arrow files memory-mapped)."
     )
-    header = ("format", "rows", "before s", "before peak MB", "after s", "after peak MB", "workers MB", "warm s")
+    header = ("format", "rows", "before s", "before peak MB", "before RSS", "after s", "after peak MB", "after RSS",
+              "workers MB", "warm s")  # fmt: skip
     lines = [header]
     smallest = None
     for size in sizes:
@@ -151,13 +208,14 @@ def loading_table(sizes: tuple[int, ...], before_up_to: int, tmp: Path, warm: bo
             cells = [fmt + (" (+PNG bytes)" if fmt == "parquet" else ""), f"{size:,}"]
             if size <= before_up_to:
                 before = measure("before", path, tmp / f"cache-before-{size}-{fmt}")
-                cells += [f"{before['seconds']:.1f}", _mb(before)]
+                cells += [f"{before['seconds']:.1f}", _mb(before), f"{before['peak_mb']:.0f}"]
             else:
-                cells += ["not run", "-"]
+                cells += ["not run", "-", "-"]
             cache = tmp / f"cache-after-{size}-{fmt}"
             cold = measure("after", path, cache)
             again = f"{measure('after', path, cache)['seconds']:.1f}" if warm else "-"
-            cells += [f"{cold['seconds']:.1f}", _mb(cold), f"{cold['workers_mb']:.0f}", again]
+            cells += [f"{cold['seconds']:.1f}", _mb(cold), f"{cold['peak_mb']:.0f}"]
+            cells += [f"{cold['workers_anon_mb']:.0f}" if cold["workers_anon_mb"] else "-", again]
             lines.append(tuple(cells))
             _progress(cells)
             for cache_dir in tmp.glob("cache-*"):
@@ -169,7 +227,7 @@ def loading_table(sizes: tuple[int, ...], before_up_to: int, tmp: Path, warm: bo
 
 
 def _mb(result: dict) -> str:
-    return f"{result['peak_mb']:.0f} (+{result['peak_mb'] - result['base_mb']:.0f})"
+    return f"{result['anon_mb']:.0f} (+{result['anon_mb'] - result['base_anon_mb']:.0f})"
 
 
 def _table(lines: list[tuple[str, ...]]) -> None:
