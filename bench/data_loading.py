@@ -278,13 +278,14 @@ def collator_table(parquet: Path, quick: bool) -> None:
                 next(it)
             rate = batches * batch_size / (time.perf_counter() - start)
             del it
-            lines.append((f"{size} px, N={n}", str(workers), f"{rate:,.0f}", f"{rate / step_rows_s:.1f}x"))
+            versus = f"{rate / step_rows_s:.1f}x" if size == 32 else "-"
+            lines.append((f"{size} px, N={n}", str(workers), f"{rate:,.0f}", versus))
             _progress(lines[-1])
     print(
-        f"\na training step of the demo's model size (batch {batch_size}, 32 px, forward + backward + AdamW, "
-        f"collation excluded) consumes {step_rows_s:,.0f} rows/s here; 'vs the tiny step' = collator rows/s / that. "
-        "At 224 px the real step (Qwen3-0.6B + CLIP-B/16) is far slower than the tiny one: on a GPU it is the "
-        "number to compare the 224 px rows with (BENCHMARKS.md §2 has its CPU time)."
+        f"\nvs the tiny step: collator rows/s over the rows/s that a training step of the demo's model size (32 px,"
+        f" batch {batch_size}, forward + backward + AdamW, collation excluded) consumes here: {step_rows_s:,.0f}. "
+        "The 224 px rows (CLIP-B/16 preprocessing) feed a Qwen3-0.6B + CLIP-B/16 step, which this machine has "
+        "no GPU to time: compare them with `python -m bench.gpu`'s samples/s on the GPU that trains."
     )
     _table(lines)
 
