@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="toy sizes (CI)")
     parser.add_argument("--sizes", type=int, nargs="+", help=f"rows per file (default {SIZES})")
     parser.add_argument("--before-up-to", type=int, default=BEFORE_UP_TO, help="largest size the old loader runs at")
+    parser.add_argument("--no-collator", action="store_true", help="the load table only")
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "PATH", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -334,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = tuple(args.sizes or (QUICK_SIZES if args.quick else SIZES))
     with tempfile.TemporaryDirectory(prefix="vlm-peft-bench-data-") as tmp:
         parquet = loading_table(sizes, args.before_up_to, Path(tmp), warm=not args.quick)
-        collator_table(parquet, args.quick)
+        if not args.no_collator:
+            collator_table(parquet, args.quick)
 
 
 if __name__ == "__main__":

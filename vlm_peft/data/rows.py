@@ -1,4 +1,5 @@
-"""The canonical dataset format and reading it.
+"""The canonical dataset format: checking and normalising rows, opening their images, fitting them
+to max_length. Reading files is `loading` (into Arrow) and `streaming` (as training goes).
 
 A row is `{"messages": [...], "images": [...]}`: `messages` in transformers' multimodal chat
 format (`content` a list of `{"type": "text", "text": …}` / `{"type": "image"}` parts; plain
