@@ -81,10 +81,15 @@ def test_streamed_parquet_keeps_image_bytes_until_the_collator(tmp_path, process
     assert [r["__where__"] for r in first] == [f"{tmp_path / 'd.parquet'}: row {i}" for i in range(3)]
     batch = VLMCollator(processor, None)(first)
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    # A resume 2 passes and 2 rows in (whole passes skipped unread: parquet says how many rows it holds).
+    args = dict(batch_size=1, shuffle_buffer=2, seed=3)
+    order = [r[0]["__where__"] for r in batches_of(stream_rows(tmp_path / "d.parquet", **args), 12, 1)]
+    resumed = [r[0]["__where__"] for r in batches_of(stream_rows(tmp_path / "d.parquet", **args, start=8), 4, 1)]
+    assert resumed == order[8:]
 
 
-def batches_of(stream, count: int) -> list[list[dict]]:
-    loader = torch.utils.data.DataLoader(stream, batch_size=3, collate_fn=list)
+def batches_of(stream, count: int, batch_size: int = 3) -> list[list[dict]]:
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=list)
     it = iter(loader)
     return [next(it) for _ in range(count)]
 

@@ -54,6 +54,15 @@ def raw_rows(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
             index += 1
 
 
+def _rows_per_pass(path: Path, fmt: str) -> int | None:
+    """Rows in the file, where its metadata says so without reading it (parquet, arrow); else None."""
+    if fmt == "parquet":
+        return pq.ParquetFile(path).metadata.num_rows or None
+    if fmt == "arrow":
+        return len(datasets.load_from_disk(str(path))) or None
+    return None
+
+
 def _shuffled(rows: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
     """A shuffle buffer (as datasets' `IterableDataset.shuffle`), seeded: every process and worker
     draws the same order."""
@@ -88,9 +97,12 @@ def _stream(
     start: int,
 ) -> Iterator[dict[str, Any]]:
     """The rows of shard (process, worker) for each shard in `parts`, from row `start` of the stream on."""
+    per_pass = _rows_per_pass(Path(path), fmt)
     for process, worker in parts:
         slot, every = worker * processes + process, processes * workers
-        position, epoch = 0, 0
+        # Whole passes before `start` are skipped unread where the file says how many rows it holds.
+        epoch = start // per_pass if per_pass else 0
+        position = epoch * per_pass if per_pass else 0
         while True:
             rows = _shuffled(raw_rows(Path(path), fmt), shuffle_buffer, np.random.default_rng([seed, epoch]))
             empty = True
