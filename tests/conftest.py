@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import datasets
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +17,21 @@ CORPUS = [
     "What is this? A red circle. A blue square. A green triangle. Describe the image.",
     "user assistant system The picture shows a yellow star on a white background.",
 ] * 20
+
+
+@pytest.fixture(scope="session", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """load_rows writes Arrow files to datasets' cache: the tests' go to a temp dir (subprocesses too)."""
+    path = tmp_path_factory.mktemp("hf_datasets_cache")
+    old, old_env = datasets.config.HF_DATASETS_CACHE, os.environ.get("HF_DATASETS_CACHE")
+    datasets.config.HF_DATASETS_CACHE = path
+    os.environ["HF_DATASETS_CACHE"] = str(path)
+    yield path
+    datasets.config.HF_DATASETS_CACHE = old
+    if old_env is None:
+        os.environ.pop("HF_DATASETS_CACHE", None)
+    else:
+        os.environ["HF_DATASETS_CACHE"] = old_env
 
 
 @pytest.fixture(scope="session")

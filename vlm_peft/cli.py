@@ -55,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _example_prompt(spec) -> str:
     """The stage's own first held-out question (its last user text), for the hints after training."""
-    from .data.rows import first_row
+    from .data.loading import first_row
 
     try:
         row = first_row(spec.data.eval or spec.data.train, spec.data.format)
@@ -84,7 +84,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .data.rows import load_rows
+    from .data.loading import load_rows
     from .serving.loading import load
     from .training.evaluate import evaluate, format_summary
 

@@ -1,4 +1,5 @@
-"""The canonical dataset format and reading it.
+"""The canonical dataset format: checking and normalising rows, opening their images, fitting them
+to max_length. Reading files is `loading` (into Arrow) and `streaming` (as training goes).
 
 A row is `{"messages": [...], "images": [...]}`: `messages` in transformers' multimodal chat
 format (`content` a list of `{"type": "text", "text": …}` / `{"type": "image"}` parts; plain
@@ -20,13 +21,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
@@ -132,8 +132,9 @@ def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
     return json.loads(row["tools"]) if row.get("tools") else None
 
 
-def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """One row in canonical form, or a ValueError that names the row and the field."""
+def normalize_messages(row: dict[str, Any], where: str, images: int) -> tuple[list[dict[str, Any]], str | None]:
+    """A row's `messages` and `tools` in canonical form, checked against its number of images; or a
+    ValueError that names the row and the field. (The loader counts images without reading them.)"""
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}.")
@@ -156,41 +157,22 @@ def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
         if reasoning is not None:
             entry["reasoning_content"] = reasoning
         out.append(entry)
+    slots = sum(p["type"] == "image" for m in out for p in m["content"])
+    if slots != images:
+        raise ValueError(f"{where}: {slots} image parts in messages but {images} entries in 'images'.")
+    if out[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's answer (found {out[-1]['role']!r}).")
+    return out, _tools(row.get("tools"), where)
+
+
+def normalize_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """One row in canonical form, or a ValueError that names the row and the field."""
     images = row.get("images") or []
     if isinstance(images, (str, dict)):
         images = [images]
-    slots = sum(p["type"] == "image" for m in out for p in m["content"])
-    if slots != len(images):
-        raise ValueError(f"{where}: {slots} image parts in messages but {len(images)} entries in 'images'.")
-    if out[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the last message must be the assistant's answer (found {out[-1]['role']!r}).")
+    messages, tools = normalize_messages(row, where, len(images))
     images = [img if isinstance(img, str) else dict(img) for img in images]
-    return {"messages": out, "images": images, "tools": _tools(row.get("tools"), where), WHERE: where}
-
-
-def _json_rows(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
-    if fmt == "json":
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text ({err}); re-encode the file as UTF-8.") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: a .json dataset must hold a list of rows.")
-        yield from ((f"{path}: row {i}", row) for i, row in enumerate(data))
-        return
-    with path.open("rb") as handle:  # bytes, so that a bad line is named by its number
-        for line_no, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not UTF-8 text ({err}); re-encode the file as UTF-8.") from None
-            if line.strip():
-                try:
-                    yield f"{path}:{line_no}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON: {err}") from None
+    return {"messages": messages, "images": images, "tools": tools, WHERE: where}
 
 
 def check_tool_columns(features: datasets.Features, where: str) -> None:
@@ -213,50 +195,6 @@ def check_tool_columns(features: datasets.Features, where: str) -> None:
             f"{where}: {' and '.join(bad)} are stored as Arrow structs, which fill every row with the other rows' "
             "keys as null; store them as JSON strings (vlm-peft data convert writes them so)."
         )
-
-
-def _format(path: Path, fmt: str) -> str:
-    if not path.exists():
-        raise FileNotFoundError(f"dataset {path} not found.")
-    if fmt == "auto":
-        fmt = "arrow" if path.is_dir() else {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-        if fmt is None:
-            raise ValueError(f"{path}: unknown suffix; set data.format to one of jsonl, json, parquet, arrow.")
-    return fmt
-
-
-def first_row(path: str | Path, fmt: str = "auto") -> dict[str, Any]:
-    """The first row of a dataset in canonical form, reading no more of the file than it needs."""
-    path = Path(path)
-    fmt = _format(path, fmt)
-    if fmt == "jsonl":
-        where, row = next(_json_rows(path, fmt))
-    elif fmt == "parquet":
-        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1))
-        where, row = f"{path}: row 0", batch.to_pylist()[0]
-    else:
-        return load_rows(path, fmt)[0]  # a JSON list is parsed whole anyway; an arrow dir is memory-mapped
-    return normalize_row(row, where)
-
-
-def load_rows(path: str | Path, fmt: str = "auto") -> datasets.Dataset:
-    """Read a dataset file in the canonical format; every row is checked."""
-    path = Path(path)
-    fmt = _format(path, fmt)
-    if fmt in ("jsonl", "json"):
-        # Parsed here, not by datasets' JSON loader: content mixing strings and part lists has no Arrow schema.
-        rows = [normalize_row(row, where) for where, row in _json_rows(path, fmt)]
-        if not rows:
-            raise ValueError(f"{path}: the dataset is empty.")
-        return datasets.Dataset.from_list(rows)
-    raw = datasets.load_from_disk(str(path)) if fmt == "arrow" else datasets.Dataset.from_parquet(str(path))
-    if "messages" not in raw.column_names:
-        raise ValueError(f"{path}: no 'messages' column (columns: {raw.column_names}).")
-    check_tool_columns(raw.features, str(path))
-    if "images" in raw.column_names:
-        # Keep datasets.Image columns as {"bytes", "path"}: decoding is the collator's job.
-        raw = raw.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    return datasets.Dataset.from_list([normalize_row(row, f"{path}: row {i}") for i, row in enumerate(raw)])
 
 
 def open_image(ref: str | dict[str, Any], image_root: str | Path | None, where: str) -> Image.Image:
@@ -342,27 +280,60 @@ def measure_conversations(
     return out
 
 
-def fit_to_length(rows: datasets.Dataset, processor: Any, max_length: int, where: str) -> datasets.Dataset:
+# Below this many rows one process checks or measures them faster than starting several.
+PARALLEL_FROM = 20_000
+
+
+def processes(num_proc: int | None, rows: int) -> int | None:
+    """`Dataset.map`'s num_proc for `rows` rows: `num_proc` as given, or one process per 20k rows (at most
+    8, and the CPUs this process may use); None for one."""
+    if num_proc is not None:
+        if num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {num_proc}.")
+        return num_proc if num_proc > 1 and rows > 1 else None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    auto = min(cpus, 8, rows // PARALLEL_FROM)
+    return auto if auto > 1 else None
+
+
+def fit_to_length(
+    rows: datasets.Dataset, processor: Any, max_length: int, where: str, num_proc: int | None = None
+) -> datasets.Dataset:
     """Drop (and count) rows that `max_length` would cut inside an image run, or before their first
     supervised token (they would train on nothing); count rows that only lose the end of their text.
-    Training refuses a cut image rather than crashing mid-run."""
+    Training refuses a cut image rather than crashing mid-run. Rows are measured in `num_proc`
+    processes (default: as `processes`); only three numbers per row are written (to the cache beside `rows`)."""
 
-    def measure(batch: dict[str, list]) -> dict[str, list]:
-        tools = batch.get("tools") or [None] * len(batch["messages"])
-        lengths = measure_conversations(processor, batch["messages"], tools)
+    def measure(messages: list, tools: list | None) -> dict[str, list]:
+        lengths = measure_conversations(processor, messages, tools or [None] * len(messages))
         return {
-            "__tokens__": [n for n, _, _ in lengths],
-            "__image_end__": [end for _, end, _ in lengths],
-            "__first_label__": [first for _, _, first in lengths],
+            "tokens": [n for n, _, _ in lengths],
+            "image_end": [end for _, end, _ in lengths],
+            "first_label": [first for _, _, first in lengths],
         }
 
-    measured = rows.map(measure, batched=True, batch_size=256, desc=f"{where}: measuring rows")
-    cut_image = [end > max_length for end in measured["__image_end__"]]
+    columns = ["messages", "tools"] if "tools" in rows.column_names else ["messages"]
+    measured = rows.map(
+        measure,
+        batched=True,
+        batch_size=256,
+        input_columns=columns,
+        remove_columns=rows.column_names,
+        num_proc=processes(num_proc, len(rows)),
+        desc=f"{where}: measuring rows",
+    )
+    tokens, image_end, first_label = (
+        measured.data.column(c).to_numpy() for c in ("tokens", "image_end", "first_label")
+    )
+    cut_image = image_end > max_length
     # A label at position p is kept when p < max_length (and p = 0 predicts nothing).
-    unsupervised = [not cut and first >= max_length for cut, first in zip(cut_image, measured["__first_label__"])]
-    keep = [not (c or u) for c, u in zip(cut_image, unsupervised)]
-    truncated = sum(k and n > max_length for k, n in zip(keep, measured["__tokens__"]))
-    for count, why in ((sum(cut_image), "images would be cut"), (sum(unsupervised), "answers start past it")):
+    unsupervised = ~cut_image & (first_label >= max_length)
+    keep = ~(cut_image | unsupervised)
+    truncated = int((keep & (tokens > max_length)).sum())
+    for count, why in (
+        (int(cut_image.sum()), "images would be cut"),
+        (int(unsupervised.sum()), "answers start past it"),
+    ):
         if count:
             logger.warning(
                 "%s: dropped %d of %d rows whose %s by max_length=%d (raise max_length to keep them)",
@@ -370,9 +341,18 @@ def fit_to_length(rows: datasets.Dataset, processor: Any, max_length: int, where
             )  # fmt: skip
     if truncated:
         logger.warning("%s: %d rows are longer than max_length=%d; their ends are cut", where, truncated, max_length)
-    if not any(keep):
+    if not keep.any():
         raise ValueError(
             f"{where}: no row keeps a supervised token within max_length={max_length} (every row's image run is cut "
             "or its answer starts past it); raise max_length."
         )
-    return rows.select([i for i, k in enumerate(keep) if k]) if not all(keep) else rows
+    return rows.select(keep.nonzero()[0]) if not keep.all() else rows
+
+
+def __getattr__(name: str) -> Any:
+    # Reading files moved to `loading`; imports from here keep working (loading imports this module).
+    if name in ("load_rows", "first_row"):
+        from . import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

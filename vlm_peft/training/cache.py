@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.feature_cache import build_cache
-from ..data.rows import load_rows
+from ..data.loading import load_rows
 from ..model.vision import load_vision_tower
 from .build import DTYPE, build_processor, load_tokenizer, new_vlm_config, prepare_vision
 from .preflight import check_paths

@@ -8,6 +8,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
 from .distributed import world_size
 from .trainer import LOSS_KEY
 
@@ -80,3 +83,40 @@ def trainable_record(checkpoint: str) -> dict[str, int] | None:
     """Trainable parameter count by role when `checkpoint` was saved (None in checkpoints without it)."""
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     return state.get("stateful_callbacks", {}).get(LOSS_KEY, {}).get("trainable")
+
+
+STREAM_KEY = "StreamPosition"
+
+
+class StreamPosition(TrainerCallback, ExportableState):
+    """The rows of a streamed stage's data that finished optimizer steps consumed, saved with each
+    checkpoint (trainer_state.json), so that a resume skips exactly those rows, also when the batch
+    size or the number of processes changed since. transformers itself would skip batches by running
+    the collator on every one of them (`skip_first_batches`), images and all."""
+
+    def __init__(self, rows: int = 0) -> None:
+        self.rows = rows
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.rows += rows_per_step(args)
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"rows": self.rows}, "attributes": {}}
+
+
+def rows_per_step(args: Any) -> int:
+    """Rows of the (one, shared) stream an optimizer step consumes over all processes."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def stream_position(checkpoint: str | None, args: Any) -> int:
+    """Rows of the stream consumed up to `checkpoint` (0 without one)."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    saved = state.get("stateful_callbacks", {}).get(STREAM_KEY)
+    if saved:
+        return int(saved["args"]["rows"])
+    steps = state["global_step"]
+    logger.warning("%s holds no stream position (it was not streamed); skipping %d steps' rows", checkpoint, steps)
+    return steps * rows_per_step(args)

@@ -88,6 +88,14 @@ class DataSpec:
     image_root: str | None = None
     # A feature cache (vlm-peft data cache-features): training reads patch features, not images.
     features: str | None = None
+    # Train rows read from the file as training goes (an endless stream, shuffled per pass), never copied
+    # into the cache: for data that does not fit on disk twice. Needs args.max_steps.
+    streaming: bool = False
+    # Rows shuffled at a time when streaming (0: file order); the rows of a pass are shuffled differently each pass.
+    shuffle_buffer: int = 1000
+    # Processes that parse and check rows into the cache, and measure them against max_length (default: one
+    # per 20k rows, up to 8).
+    num_proc: int | None = None
 
 
 @dataclass
@@ -198,6 +206,19 @@ def _check_args(args: dict[str, Any], path: str) -> None:
             raise RecipeError(f"{path}.{key}: must be >= 1, got {args[key]}.")
 
 
+def _check_data(stage: StageSpec, path: str) -> None:
+    data = stage.data
+    if data.num_proc is not None and data.num_proc < 1:
+        raise RecipeError(f"{path}.data.num_proc: must be >= 1, got {data.num_proc}.")
+    if data.shuffle_buffer < 0:
+        raise RecipeError(f"{path}.data.shuffle_buffer: must be >= 0 (0: file order), got {data.shuffle_buffer}.")
+    if data.streaming and not (isinstance(stage.args.get("max_steps"), int) and stage.args["max_steps"] > 0):
+        raise RecipeError(
+            f"{path}.data.streaming: a stream has no length to count epochs in; set {path}.args.max_steps "
+            "(the optimizer steps to train)."
+        )
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Cross-field checks that types alone cannot express."""
     _check_model(recipe.llm, "llm")
@@ -267,6 +288,7 @@ def validate(recipe: Recipe) -> Recipe:
                 f"rate; this recipe's projector is {what}: remove it."
             )
         _check_args(stage.args, f"{path}.args")
+        _check_data(stage, path)
         if stage.args.get("eval_strategy", "no") != "no" and stage.data.eval is None:
             raise RecipeError(f"{path}.args.eval_strategy: needs an eval split in {path}.data.eval.")
         for name in ("batch_size", "max_new_tokens"):

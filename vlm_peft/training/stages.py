@@ -15,7 +15,9 @@ from trl import SFTConfig
 
 from ..data.collator import VLMCollator
 from ..data.feature_cache import FeatureCache
-from ..data.rows import fit_to_length, load_rows
+from ..data.loading import load_rows
+from ..data.rows import fit_to_length
+from ..data.streaming import FittingCollator, stream_rows
 from ..model.checkpoint import load_training_weights, unwrap
 from ..model.config import CONFIG_NAME, VLMConfig
 from ..model.hooks import get_state
@@ -29,7 +31,15 @@ from .build import (
     prepare_vision,
     trainable_counts,
 )
-from .checkpoints import finished_checkpoint, history, last_complete_checkpoint, loss_so_far, trainable_record
+from .checkpoints import (
+    StreamPosition,
+    finished_checkpoint,
+    history,
+    last_complete_checkpoint,
+    loss_so_far,
+    stream_position,
+    trainable_record,
+)
 from .curves import write_loss_curve
 from .distributed import barrier, global_batch, is_main, process
 from .evaluate import evaluate, format_summary
@@ -62,6 +72,9 @@ def sft_config(recipe: Recipe, stage: StageSpec, check_only: bool = False) -> SF
         "remove_unused_columns": False,
         "dataset_kwargs": {"skip_prepare_dataset": True},
     }
+    if stage.data.streaming:
+        # Resuming skips the consumed rows in the stream itself (StreamPosition), before any is parsed.
+        args["ignore_data_skip"] = True
     args = distributed.check_args(args) if check_only else distributed.trainer_args(recipe, args)
     try:
         return SFTConfig(**args)
@@ -80,21 +93,34 @@ def run_stage(
 ) -> dict:
     stage_dir = recipe.stage_dir(stage.name)
     image_root = stage.data.image_root or str(Path(stage.data.train).parent)
-    train_rows = load_rows(stage.data.train, stage.data.format)
-    eval_rows = load_rows(stage.data.eval, stage.data.format) if stage.data.eval else None
-    if args.max_length is not None:
-        train_rows = fit_to_length(train_rows, processor, args.max_length, f"stages.{stage.name}.data.train")
+    find = resume is not False and stage_dir.is_dir()
+    # The main process moves torn checkpoints aside first; the others then find the same one.
+    checkpoint = last_complete_checkpoint(stage_dir) if find and is_main() else None
+    barrier()
+    if find and not is_main():
+        checkpoint = last_complete_checkpoint(stage_dir)
+    if resume and checkpoint is None:
+        logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
+    train_rows, eval_rows = _load_data(stage, args, processor)
     features = None
     if stage.data.features:
         features = FeatureCache(stage.data.features)
         features.check(get_state(unwrap(model)).vision, processor.image_processor)
     counts = trainable_counts(model)
     logger.info(
-        "stage %s: %d train rows; trainable: projector %s + LoRA %s; all %s parameters: LLM %s (frozen), "
+        "stage %s: %s train rows; trainable: projector %s + LoRA %s; all %s parameters: LLM %s (frozen), "
         "projector %s, LoRA %s, vision tower %s (frozen)",
-        stage.name, len(train_rows), f"{counts['projector']:,}", f"{counts['lora']:,}", f"{counts['total']:,}",
-        f"{counts['llm']:,}", f"{counts['projector_total']:,}", f"{counts['lora_total']:,}", f"{counts['vision']:,}",
+        stage.name, f"{len(train_rows):,}" if train_rows is not None else "streamed", f"{counts['projector']:,}",
+        f"{counts['lora']:,}", f"{counts['total']:,}", f"{counts['llm']:,}", f"{counts['projector_total']:,}",
+        f"{counts['lora_total']:,}", f"{counts['vision']:,}",
     )  # fmt: skip
+    position = None
+    if stage.data.streaming:
+        # The user's ignore_data_skip (sft_config sets it for transformers, whose skip would collate every batch).
+        skip = not stage.args.get("ignore_data_skip", False)
+        position = StreamPosition(stream_position(checkpoint, args) if skip else 0)
+        callbacks = [*(callbacks or []), position]
+        train_rows = _stream(stage, args, 0)  # what TRL looks at the first row of; training gets the one below
     trainer = _make_trainer(
         model,
         args,
@@ -106,14 +132,10 @@ def run_stage(
         callbacks,
         features,
     )
-    find = resume is not False and stage_dir.is_dir()
-    # The main process moves torn checkpoints aside first; the others then find the same one.
-    checkpoint = last_complete_checkpoint(stage_dir) if find and is_main() else None
-    barrier()
-    if find and not is_main():
-        checkpoint = last_complete_checkpoint(stage_dir)
-    if resume and checkpoint is None:
-        logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
+    if position is not None:
+        if position.rows:
+            logger.info("stage %s: the stream resumes after the %s rows trained on", stage.name, f"{position.rows:,}")
+        trainer.train_dataset = _stream(stage, args, position.rows)
     if checkpoint:
         _check_same_projector(stage, checkpoint, get_state(unwrap(model)).config)
         _check_same_trainables(stage, checkpoint, trainable_sizes(model))
@@ -151,6 +173,38 @@ def run_stage(
     trainer.accelerator.free_memory()  # the engine and optimizer it holds: the next stage builds its own
     barrier()
     return metrics
+
+
+def _load_data(stage: StageSpec, args: SFTConfig, processor) -> tuple[Any, Any]:
+    """The stage's train rows (None when streamed), fitted to max_length, and eval rows: read into the
+    cache by the main process first, then memory-mapped by the others from the files it wrote."""
+    where = f"stages.{stage.name}.data"
+
+    def load() -> tuple[Any, Any]:
+        data, train = stage.data, None
+        if not data.streaming:
+            train = load_rows(data.train, data.format, num_proc=data.num_proc)
+            if args.max_length is not None:
+                train = fit_to_length(train, processor, args.max_length, f"{where}.train", num_proc=data.num_proc)
+        evaluation = load_rows(data.eval, data.format, num_proc=data.num_proc) if data.eval else None
+        return train, evaluation
+
+    loaded = load() if is_main() else None
+    barrier()
+    return loaded if loaded is not None else load()
+
+
+def _stream(stage: StageSpec, args: SFTConfig, start: int):
+    return stream_rows(
+        stage.data.train,
+        stage.data.format,
+        batch_size=args.per_device_train_batch_size,
+        processes=args.world_size,
+        workers=args.dataloader_num_workers,
+        seed=args.seed,
+        shuffle_buffer=stage.data.shuffle_buffer,
+        start=start,
+    )
 
 
 def _check_same_projector(stage: StageSpec, checkpoint: str, now: VLMConfig) -> None:
@@ -238,13 +292,16 @@ def _make_trainer(
     features: FeatureCache | None = None,
 ):
 
+    collator = VLMCollator(processor, image_root, max_length=args.max_length, features=features)
+    if stage.data.streaming:  # streamed rows meet max_length here, batch by batch
+        collator = FittingCollator(collator, args.max_length, f"stages.{stage.name}.data.train")
     return VLMTrainer(
         model=model,
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=processor,
-        data_collator=VLMCollator(processor, image_root, max_length=args.max_length, features=features),
+        data_collator=collator,
         projector_lr=stage.lr.projector,
         attention_lr=stage.lr.attention_or_default,
         lora_lr=stage.lr.lora,
