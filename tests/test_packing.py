@@ -1,0 +1,193 @@
+"""Padding-free packing of image conversations: one flat row per batch that trains exactly as the
+rows would one by one (losses, gradients, image placement), and clear errors where it cannot work."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from vlm_peft import add_lora, attach
+from vlm_peft.data.collator import IGNORE_INDEX, VLMCollator
+from vlm_peft.data.packing import is_packed, pack, row_spans
+from vlm_peft.data.rows import normalize_row
+from vlm_peft.model.hooks import PROJECTOR_ATTR
+from vlm_peft.model.packed import PACKED_ATTENTION, check_packing_attention
+
+from .conftest import N, make_image
+
+WORDS = "red blue green circle square triangle star yellow picture shows a the on white background".split()
+
+
+def make_rows(root, seed: int, count: int = 5) -> list[dict]:
+    """Conversations of varied lengths holding 0, 1 and 2 images (distinct colours), some multi-turn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        images = (0, 1, 2)[i % 3] if i < 3 else rng.choice((0, 1, 2))
+        names = []
+        for j in range(images):
+            name = f"s{seed}-r{i}-{j}.png"
+            make_image((rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(root / name)
+            names.append(name)
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) + "."
+        messages = [
+            {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": answer},
+        ]
+        if rng.random() < 0.4:
+            messages += [{"role": "user", "content": "And?"}, {"role": "assistant", "content": rng.choice(WORDS)}]
+        rows.append(normalize_row({"messages": messages, "images": names}, f"row {i}"))
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture()
+def lora_model(llm, vlm_cfg):
+    """Projector + LoRA; LoRA's B and the projector's attention gates made non-zero, so that every
+    trainable parameter gets a gradient (both start at zero)."""
+    model = add_lora(attach(llm, vlm_cfg), r=4, lora_dropout=0.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            elif name.rsplit(".", 1)[-1].startswith("gate_"):
+                param.fill_(0.5)
+    return model.train()
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of the next token as the loss shifts it; 0 where the label is ignored."""
+    labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten().clamp(min=0), reduction="none"
+    ).view(labels.shape)
+    return nll * (labels != IGNORE_INDEX)
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_losses_and_gradients_equal_the_rows_one_by_one(lora_model, processor, tmp_path, seed):
+    rows = make_rows(tmp_path, seed)
+    collator = VLMCollator(processor, tmp_path)
+    packed = VLMCollator(processor, tmp_path, packing=True)(rows)
+    assert is_packed(packed) and "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    params = trainable(lora_model)
+    assert any("lora_A" in n for n in params) and any(PROJECTOR_ATTR in n for n in params)
+    tokens = int((packed["labels"] != IGNORE_INDEX).sum())
+
+    nll = token_nll(lora_model(**packed).logits, packed["labels"])
+    packed_losses = [nll[0, start : end - 1].sum() for start, end in row_spans(packed)]
+    (sum(packed_losses) / tokens).backward()
+    packed_grads = {n: p.grad.clone() for n, p in params.items()}
+    lora_model.zero_grad()
+
+    alone_losses = []
+    for row in rows:
+        single = collator([row])
+        loss = token_nll(lora_model(**single).logits, single["labels"]).sum()
+        (loss / tokens).backward()
+        alone_losses.append(loss.detach())
+    torch.testing.assert_close(torch.stack(packed_losses).detach(), torch.stack(alone_losses), rtol=1e-6, atol=1e-5)
+    assert all(p.grad.abs().max() > 0 for p in params.values())
+    for name, param in params.items():
+        torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_each_conversation_gets_its_own_images_in_the_packed_row(lora_model, processor, tmp_path):
+    rows = make_rows(tmp_path, 3, count=6)
+    collator = VLMCollator(processor, tmp_path)
+    packed = VLMCollator(processor, tmp_path, packing=True)(rows)
+    alone = [collator([row]) for row in rows]
+    # Images in reading order: conversation by conversation, as their placeholder runs come in the row.
+    torch.testing.assert_close(
+        packed["pixel_values"], torch.cat([a["pixel_values"] for a in alone if "pixel_values" in a]), rtol=0, atol=0
+    )
+    seen = []  # the embeddings the decoder gets, images spliced in (a text-only row comes as input_ids)
+    decoder = lora_model.get_base_model().model
+
+    def capture(module, args, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        seen.append(module.embed_tokens(kwargs["input_ids"]) if embeds is None else embeds)
+
+    handle = decoder.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        lora_model(**packed)
+        for single in alone:
+            lora_model(**single)
+    handle.remove()
+    flat, singles = seen[0][0], [s[0] for s in seen[1:]]
+    image_id = processor.image_token_id
+    for (start, end), single, batch in zip(row_spans(packed), singles, alone):
+        assert packed["input_ids"][0, start:end].tolist() == batch["input_ids"][0].tolist()
+        torch.testing.assert_close(flat[start:end], single, rtol=0, atol=1e-6)
+        # Where the conversation's placeholders are: its own images, nobody else's.
+        runs = (batch["input_ids"][0] == image_id).sum().item()
+        assert runs == N * (0 if "pixel_values" not in batch else batch["pixel_values"].shape[0])
+    images = [flat[start:end][packed["input_ids"][0, start:end] == image_id] for start, end in row_spans(packed)]
+    with_images = [i for i in images if len(i)]
+    assert len(with_images) >= 3 and all(not torch.allclose(a[:N], b[:N]) for a, b in zip(with_images, with_images[1:]))
+
+
+def test_pack_layout(processor, tmp_path):
+    rows = make_rows(tmp_path, 4)
+    padded = VLMCollator(processor, tmp_path)(rows)
+    packed = pack(padded)
+    lengths = padded["attention_mask"].sum(1).tolist()
+    assert packed["cu_seq_lens_q"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert packed["max_length_q"] == max(lengths) and packed["input_ids"].shape == (1, sum(lengths))
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    for (start, end), row_labels in zip(row_spans(packed), padded["labels"]):
+        assert packed["labels"][0, start] == IGNORE_INDEX  # never predicted from the previous conversation
+        assert packed["labels"][0, start + 1 : end].tolist() == row_labels[1 : end - start].tolist()
+    # Each row is cut to max_length first, as without packing.
+    cut = VLMCollator(processor, tmp_path, max_length=40, packing=True)(rows)
+    assert cut["max_length_q"] <= 40 and cut["input_ids"].shape[1] <= 40 * len(rows)
+
+
+def test_packed_batches_refuse_what_would_merge_conversations(lora_model, processor, tmp_path):
+    rows = make_rows(tmp_path, 5)
+    packed = VLMCollator(processor, tmp_path, packing=True)(rows)
+    with pytest.raises(ValueError, match="attention_mask"):
+        lora_model(**packed, attention_mask=torch.ones_like(packed["input_ids"]))
+    with pytest.raises(ValueError, match="position_ids"):
+        lora_model(**{**packed, "position_ids": None})
+    from transformers import DynamicCache
+
+    base = lora_model.get_base_model()
+    with pytest.raises(ValueError, match="KV cache"):
+        lora_model(**packed, past_key_values=DynamicCache(config=base.config))
+    with pytest.raises(ValueError, match="generate takes one prompt per row"):
+        lora_model.generate(**packed, max_new_tokens=1)
+    left = VLMCollator(processor, tmp_path)(rows)
+    left = {k: v.flip(1) if k in ("input_ids", "attention_mask", "labels") else v for k, v in left.items()}
+    with pytest.raises(ValueError, match="right-padded"):
+        pack(left)
+    base.config._attn_implementation = "paged|sdpa"
+    try:
+        with pytest.raises(ValueError, match="ignores packed sequence boundaries"):
+            check_packing_attention(base)
+        with pytest.raises(ValueError, match="ignores packed sequence boundaries"):
+            lora_model(**packed)
+    finally:
+        base.config._attn_implementation = "sdpa"
+    assert "sdpa" in PACKED_ATTENTION and "eager" in PACKED_ATTENTION
+
+
+def test_eager_attention_packs_as_sdpa(lora_model, processor, tmp_path):
+    rows = make_rows(tmp_path, 6)
+    packed = VLMCollator(processor, tmp_path, packing=True)(rows)
+    base = lora_model.get_base_model()
+    with torch.no_grad():
+        sdpa = lora_model(**packed).logits
+        base.config._attn_implementation = "eager"
+        try:
+            eager = lora_model(**packed).logits
+        finally:
+            base.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)
