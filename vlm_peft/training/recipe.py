@@ -29,8 +29,8 @@ RESERVED_ARGS = {
     "remove_unused_columns": "the collator needs every column; vlm-peft sets it",
     "dataset_kwargs": "vlm-peft prepares the dataset itself",
     "dataset_text_field": "rows are conversations in `messages`",
-    "packing": "packing would split image placeholder runs",
-    "padding_free": "not supported with images",
+    "packing": "TRL's packing would split image placeholder runs; set stages.<name>.data.packing: true (whole rows)",
+    "padding_free": "TRL's padding-free collator has no images; set stages.<name>.data.packing: true",
     "assistant_only_loss": "labels are always masked to the assistant's tokens",
     "completion_only_loss": "labels are always masked to the assistant's tokens",
     "load_best_model_at_end": "not supported yet; evaluate the checkpoints instead",
@@ -88,6 +88,9 @@ class DataSpec:
     image_root: str | None = None
     # A feature cache (vlm-peft data cache-features): training reads patch features, not images.
     features: str | None = None
+    # Padding-free: each training batch's rows (each cut to max_length) go end to end in one row, with
+    # position_ids restarting per row and no padding computed (vlm_peft.data.packing).
+    packing: bool = False
 
 
 @dataclass

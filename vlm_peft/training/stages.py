@@ -19,6 +19,7 @@ from ..data.rows import fit_to_length, load_rows
 from ..model.checkpoint import load_training_weights, unwrap
 from ..model.config import CONFIG_NAME, VLMConfig
 from ..model.hooks import get_state
+from ..model.packed import check_packing_attention
 from . import distributed
 from .build import (
     build_processor,
@@ -84,6 +85,11 @@ def run_stage(
     eval_rows = load_rows(stage.data.eval, stage.data.format) if stage.data.eval else None
     if args.max_length is not None:
         train_rows = fit_to_length(train_rows, processor, args.max_length, f"stages.{stage.name}.data.train")
+    if stage.data.packing:
+        try:
+            check_packing_attention(unwrap(model), f"stages.{stage.name}.data.packing")
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
     features = None
     if stage.data.features:
         features = FeatureCache(stage.data.features)
@@ -244,7 +250,9 @@ def _make_trainer(
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=processor,
-        data_collator=VLMCollator(processor, image_root, max_length=args.max_length, features=features),
+        data_collator=VLMCollator(
+            processor, image_root, max_length=args.max_length, features=features, packing=stage.data.packing
+        ),
         projector_lr=stage.lr.projector,
         attention_lr=stage.lr.attention_or_default,
         lora_lr=stage.lr.lora,
