@@ -271,6 +271,10 @@ def test_recipe_points_trl_packing_keys_to_data_packing(tmp_path, shapes):
             demo(tmp_path, shapes, f"stages.sft.args.{key}=true")
     with pytest.raises(RecipeError, match=r"stages\.sft\.data\.packing: expected bool"):
         demo(tmp_path, shapes, "stages.sft.data.packing=yes please")
+    with pytest.raises(RecipeError, match=r"stages\.sft\.data\.packing: llm\.attn_implementation 'paged\|sdpa'"):
+        demo(tmp_path, shapes, "stages.sft.data.packing=true", "llm.attn_implementation=paged|sdpa")
+    recipe = demo(tmp_path, shapes, "stages.sft.data.packing=true", "llm.attn_implementation=flash_attention_2")
+    assert recipe.stage("sft").data.packing and not recipe.stage("align").data.packing
 
 
 def test_a_stage_refuses_packing_with_an_attention_that_ignores_it(tmp_path, shapes, monkeypatch):

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..model.config import PROJECTOR_KINDS, PROJECTOR_REVISIONS
+from ..model.packed import PACKED_ATTENTION
 from . import strategies
 from .schema import RecipeError, build, check_finite, convert
 
@@ -59,6 +60,8 @@ class ModelSpec:
 class LLMSpec(ModelSpec):
     # Required with `random`; defaults to name_or_path otherwise.
     tokenizer: str | None = None
+    # transformers' attn_implementation (sdpa, eager, flash_attention_2, ...); None: its default (sdpa).
+    attn_implementation: str | None = None
 
 
 @dataclass
@@ -278,6 +281,12 @@ def validate(recipe: Recipe) -> Recipe:
         if stage.lora is not None:
             if stage.lora.r < 1 or stage.lora.alpha <= 0 or not 0 <= stage.lora.dropout < 1:
                 raise RecipeError(f"{path}.lora: need r >= 1, alpha > 0 and dropout in [0, 1), got {stage.lora}.")
+        attention = recipe.llm.attn_implementation
+        if stage.data.packing and attention is not None and attention not in PACKED_ATTENTION:
+            raise RecipeError(
+                f"{path}.data.packing: llm.attn_implementation {attention!r} ignores packed sequence boundaries "
+                f"(conversations would attend to each other); use one of {list(PACKED_ATTENTION)}, or no packing."
+            )
         max_length = stage.args.get("max_length")
         if isinstance(max_length, int) and max_length <= recipe.projector.num_image_tokens + 2:
             raise RecipeError(
