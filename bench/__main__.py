@@ -13,7 +13,7 @@ import time
 
 import torch
 
-BENCHMARKS = ("projector", "overhead", "answer_logits", "feature_cache", "demo_task", "learning", "gpu")
+BENCHMARKS = ("projector", "overhead", "answer_logits", "feature_cache", "packing", "demo_task", "learning", "gpu")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -218,9 +218,13 @@ def demo(tmp_path, shapes, *overrides):
     return load_recipe("recipes/demo.yaml", sets)
 
 
-def logged_losses(recipe, stage):
+def logged_losses(recipe, stage, column=1):
     rows = (recipe.stage_dir(stage) / "loss.csv").read_text().splitlines()[1:]
-    return [float(r.split(",")[1]) for r in rows if r.split(",")[1]]
+    return [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+
+
+def eval_losses(recipe, stage):
+    return logged_losses(recipe, stage, column=2)
 
 
 @pytest.mark.slow
@@ -231,7 +235,10 @@ def test_packed_training_follows_the_padded_run_step_by_step(tmp_path, shapes):
         "stages.align.args.max_steps=8",
         "stages.align.args.logging_steps=1",
         "stages.align.args.per_device_train_batch_size=8",
-        "stages.align.data.eval=null",
+        # The trainer's loss evaluation runs packed batches too (32 eval rows: 4 batches of equal weight).
+        "stages.align.args.eval_strategy=steps",
+        "stages.align.args.eval_steps=4",
+        "stages.align.eval.max_samples=4",
     ]
     padded = demo(tmp_path / "padded", shapes, *steps)
     packed = demo(tmp_path / "packed", shapes, *steps, "stages.align.data.packing=true")
@@ -241,6 +248,9 @@ def test_packed_training_follows_the_padded_run_step_by_step(tmp_path, shapes):
     losses_a, losses_b = logged_losses(padded, "align"), logged_losses(packed, "align")
     assert len(losses_a) == 8 and losses_a[0] > losses_a[-1]
     torch.testing.assert_close(torch.tensor(losses_b), torch.tensor(losses_a), rtol=1e-5, atol=0)
+    eval_a, eval_b = eval_losses(padded, "align"), eval_losses(packed, "align")
+    assert len(eval_a) == 2
+    torch.testing.assert_close(torch.tensor(eval_b), torch.tensor(eval_a), rtol=1e-5, atol=0)
     assert (packed.stage_dir("align") / "recipe.yaml").read_text().count("packing: true") == 1
 
 

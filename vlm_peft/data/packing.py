@@ -35,7 +35,7 @@ def pack(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     total = int(starts[-1])
     # Position of each token in its own conversation: its flat index minus its conversation's start.
     position_ids = torch.arange(total) - torch.repeat_interleave(starts[:-1], lengths)
-    labels = batch["labels"][mask].clone()
+    labels = batch["labels"][mask]  # boolean indexing copies: the padded batch is left as it was
     labels[position_ids == 0] = IGNORE_INDEX
     cu_seq_lens = starts.to(torch.int32)
     longest = int(lengths.max())
