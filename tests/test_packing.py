@@ -3,6 +3,7 @@ rows would one by one (losses, gradients, image placement), and clear errors whe
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
@@ -12,7 +13,7 @@ import torch
 from data_tools.synth import make_shapes_dataset
 from vlm_peft import add_lora, attach
 from vlm_peft.data.collator import IGNORE_INDEX, VLMCollator
-from vlm_peft.data.packing import is_packed, pack, row_spans
+from vlm_peft.data.packing import LAYOUTS, conversation_starts, is_packed, layout_for, pack
 from vlm_peft.data.rows import normalize_row
 from vlm_peft.model.hooks import PROJECTOR_ATTR
 from vlm_peft.model.packed import PACKED_ATTENTION, check_packing_attention
@@ -25,7 +26,8 @@ WORDS = "red blue green circle square triangle star yellow picture shows a the o
 
 
 def make_rows(root, seed: int, count: int = 5) -> list[dict]:
-    """Conversations of varied lengths holding 0, 1 and 2 images (distinct colours), some multi-turn."""
+    """Conversations of varied lengths (one much longer) holding 0, 1 and 2 images (distinct colours),
+    some multi-turn."""
     rng = random.Random(seed)
     rows = []
     for i in range(count):
@@ -35,10 +37,10 @@ def make_rows(root, seed: int, count: int = 5) -> list[dict]:
             name = f"s{seed}-r{i}-{j}.png"
             make_image((rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(root / name)
             names.append(name)
-        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) + "."
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 50) if i == 3 else rng.randint(1, 12)))
         messages = [
             {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": "What is this?"}]},
-            {"role": "assistant", "content": answer},
+            {"role": "assistant", "content": answer + "."},
         ]
         if rng.random() < 0.4:
             messages += [{"role": "user", "content": "And?"}, {"role": "assistant", "content": rng.choice(WORDS)}]
@@ -75,25 +77,36 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def spans(packed: dict, alone: list[dict]) -> list[tuple[int, int]]:
+    """(start, end) of each conversation in the packed rows flattened, without the rows' padding."""
+    lengths = [a["input_ids"].shape[1] for a in alone]
+    return [(start, start + n) for start, n in zip(conversation_starts(packed), lengths)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_packed_losses_and_gradients_equal_the_rows_one_by_one(lora_model, processor, tmp_path, seed):
+def test_packed_losses_and_gradients_equal_the_rows_one_by_one(lora_model, processor, tmp_path, seed, layout):
     rows = make_rows(tmp_path, seed)
     collator = VLMCollator(processor, tmp_path)
-    packed = VLMCollator(processor, tmp_path, packing=True)(rows)
-    assert is_packed(packed) and "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    packed = VLMCollator(processor, tmp_path, packing=layout)(rows)
+    alone = [collator([row]) for row in rows]
+    assert is_packed(packed) and "attention_mask" not in packed
+    # flat: one row; rows: up to one per conversation (seeds 0 and 1 put several in a row).
+    assert packed["input_ids"].shape[0] == 1 if layout == "flat" else packed["input_ids"].shape[0] <= len(rows)
     params = trainable(lora_model)
     assert any("lora_A" in n for n in params) and any(PROJECTOR_ATTR in n for n in params)
     tokens = int((packed["labels"] != IGNORE_INDEX).sum())
 
     nll = token_nll(lora_model(**packed).logits, packed["labels"])
-    packed_losses = [nll[0, start : end - 1].sum() for start, end in row_spans(packed)]
+    nll = torch.cat([nll, nll.new_zeros(nll.shape[0], 1)], dim=1).flatten()  # back to one position per token
+    packed_losses = [nll[start : end - 1].sum() for start, end in spans(packed, alone)]
+    assert torch.isclose(sum(packed_losses), nll.sum())  # nothing outside the conversations (padding) counts
     (sum(packed_losses) / tokens).backward()
     packed_grads = {n: p.grad.clone() for n, p in params.items()}
     lora_model.zero_grad()
 
     alone_losses = []
-    for row in rows:
-        single = collator([row])
+    for single in alone:
         loss = token_nll(lora_model(**single).logits, single["labels"]).sum()
         (loss / tokens).backward()
         alone_losses.append(loss.detach())
@@ -103,12 +116,13 @@ def test_packed_losses_and_gradients_equal_the_rows_one_by_one(lora_model, proce
         torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_each_conversation_gets_its_own_images_in_the_packed_row(lora_model, processor, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_conversation_gets_its_own_images_in_the_packed_row(lora_model, processor, tmp_path, layout):
     rows = make_rows(tmp_path, 3, count=6)
     collator = VLMCollator(processor, tmp_path)
-    packed = VLMCollator(processor, tmp_path, packing=True)(rows)
+    packed = VLMCollator(processor, tmp_path, packing=layout)(rows)
     alone = [collator([row]) for row in rows]
-    # Images in reading order: conversation by conversation, as their placeholder runs come in the row.
+    # Images in reading order: conversation by conversation, as their placeholder runs come in the rows.
     torch.testing.assert_close(
         packed["pixel_values"], torch.cat([a["pixel_values"] for a in alone if "pixel_values" in a]), rtol=0, atol=0
     )
@@ -125,38 +139,57 @@ def test_each_conversation_gets_its_own_images_in_the_packed_row(lora_model, pro
         for single in alone:
             lora_model(**single)
     handle.remove()
-    flat, singles = seen[0][0], [s[0] for s in seen[1:]]
+    flat, singles = seen[0].flatten(0, 1), [s[0] for s in seen[1:]]
+    ids = packed["input_ids"].flatten()
     image_id = processor.image_token_id
-    for (start, end), single, batch in zip(row_spans(packed), singles, alone):
-        assert packed["input_ids"][0, start:end].tolist() == batch["input_ids"][0].tolist()
+    for (start, end), single, batch in zip(spans(packed, alone), singles, alone):
+        assert ids[start:end].tolist() == batch["input_ids"][0].tolist()
         torch.testing.assert_close(flat[start:end], single, rtol=0, atol=1e-6)
         # Where the conversation's placeholders are: its own images, nobody else's.
         runs = (batch["input_ids"][0] == image_id).sum().item()
         assert runs == N * (0 if "pixel_values" not in batch else batch["pixel_values"].shape[0])
-    images = [flat[start:end][packed["input_ids"][0, start:end] == image_id] for start, end in row_spans(packed)]
+    images = [flat[start:end][ids[start:end] == image_id] for start, end in spans(packed, alone)]
     with_images = [i for i in images if len(i)]
     assert len(with_images) >= 3 and all(not torch.allclose(a[:N], b[:N]) for a, b in zip(with_images, with_images[1:]))
 
 
-def test_pack_layout(processor, tmp_path):
+def test_pack_layouts(processor, tmp_path):
     rows = make_rows(tmp_path, 4)
     padded = VLMCollator(processor, tmp_path)(rows)
-    packed = pack(padded)
     lengths = padded["attention_mask"].sum(1).tolist()
-    assert packed["cu_seq_lens_q"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
-    assert packed["max_length_q"] == max(lengths) and packed["input_ids"].shape == (1, sum(lengths))
-    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
-    for (start, end), row_labels in zip(row_spans(packed), padded["labels"]):
-        assert packed["labels"][0, start] == IGNORE_INDEX  # never predicted from the previous conversation
-        assert packed["labels"][0, start + 1 : end].tolist() == row_labels[1 : end - start].tolist()
+    flat = pack(padded)
+    assert flat["cu_seq_lens_q"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert flat["max_length_q"] == max(lengths) and flat["input_ids"].shape == (1, sum(lengths))
+    assert flat["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    for start, n, row_labels in zip(conversation_starts(flat), lengths, padded["labels"]):
+        assert flat["labels"][0, start] == IGNORE_INDEX  # never predicted from the previous conversation
+        assert flat["labels"][0, start + 1 : start + n].tolist() == row_labels[1:n].tolist()
+    # rows: in order, as many as fit the longest conversation's width; the rest of a row is padding that
+    # continues its last conversation's positions, with no label.
+    rows_packed = pack(padded, "rows", pad_token_id=processor.tokenizer.pad_token_id)
+    width = max(lengths)
+    assert rows_packed["input_ids"].shape[1] == width and 1 < rows_packed["input_ids"].shape[0] < len(lengths)
+    starts = conversation_starts(rows_packed)
+    real = torch.zeros(rows_packed["input_ids"].numel(), dtype=torch.bool)
+    for start, n in zip(starts, lengths):
+        real[start : start + n] = True
+    assert all(start // width == (start + n - 1) // width for start, n in zip(starts, lengths))  # never split
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(rows_packed[key].flatten()[real], flat[key].flatten())
+    assert (rows_packed["labels"].flatten()[~real] == IGNORE_INDEX).all()
+    assert (rows_packed["input_ids"].flatten()[~real] == processor.tokenizer.pad_token_id).all()
+    for positions in rows_packed["position_ids"]:
+        assert positions[0] == 0 and (positions.diff() != 1).sum() == (positions == 0).sum() - 1
     # Each row is cut to max_length first, as without packing.
-    cut = VLMCollator(processor, tmp_path, max_length=40, packing=True)(rows)
+    cut = VLMCollator(processor, tmp_path, max_length=40, packing="flat")(rows)
     assert cut["max_length_q"] <= 40 and cut["input_ids"].shape[1] <= 40 * len(rows)
+    assert layout_for("flash_attention_2") == layout_for("flex_attention") == "flat"
+    assert layout_for("sdpa") == layout_for("eager") == "rows"
 
 
 def test_packed_batches_refuse_what_would_merge_conversations(lora_model, processor, tmp_path):
     rows = make_rows(tmp_path, 5)
-    packed = VLMCollator(processor, tmp_path, packing=True)(rows)
+    packed = VLMCollator(processor, tmp_path, packing="flat")(rows)
     with pytest.raises(ValueError, match="attention_mask"):
         lora_model(**packed, attention_mask=torch.ones_like(packed["input_ids"]))
     with pytest.raises(ValueError, match="position_ids"):
@@ -185,7 +218,7 @@ def test_packed_batches_refuse_what_would_merge_conversations(lora_model, proces
 
 def test_eager_attention_packs_as_sdpa(lora_model, processor, tmp_path):
     rows = make_rows(tmp_path, 6)
-    packed = VLMCollator(processor, tmp_path, packing=True)(rows)
+    packed = VLMCollator(processor, tmp_path, packing="flat")(rows)
     base = lora_model.get_base_model()
     with torch.no_grad():
         sdpa = lora_model(**packed).logits
@@ -230,7 +263,8 @@ def eval_losses(recipe, stage):
 @pytest.mark.slow
 def test_packed_training_follows_the_padded_run_step_by_step(tmp_path, shapes):
     """Same rows, same order, same seed: a packed run computes the same losses and gradients, so its
-    loss curve is the padded run's up to float rounding (measured: 1e-7 relative over 8 steps)."""
+    loss curve is the padded run's up to float rounding (measured: 1e-7 relative over 8 steps), in
+    either layout (`true` picks rows for SDPA)."""
     steps = [
         "stages.align.args.max_steps=8",
         "stages.align.args.logging_steps=1",
@@ -241,17 +275,15 @@ def test_packed_training_follows_the_padded_run_step_by_step(tmp_path, shapes):
         "stages.align.eval.max_samples=4",
     ]
     padded = demo(tmp_path / "padded", shapes, *steps)
-    packed = demo(tmp_path / "packed", shapes, *steps, "stages.align.data.packing=true")
-    a = train(padded, stage="align")["align"]
-    b = train(packed, stage="align")["align"]
-    assert a["steps"] == b["steps"] == 8
-    losses_a, losses_b = logged_losses(padded, "align"), logged_losses(packed, "align")
-    assert len(losses_a) == 8 and losses_a[0] > losses_a[-1]
-    torch.testing.assert_close(torch.tensor(losses_b), torch.tensor(losses_a), rtol=1e-5, atol=0)
-    eval_a, eval_b = eval_losses(padded, "align"), eval_losses(packed, "align")
-    assert len(eval_a) == 2
-    torch.testing.assert_close(torch.tensor(eval_b), torch.tensor(eval_a), rtol=1e-5, atol=0)
-    assert (packed.stage_dir("align") / "recipe.yaml").read_text().count("packing: true") == 1
+    assert train(padded, stage="align")["align"]["steps"] == 8
+    losses, evals = logged_losses(padded, "align"), eval_losses(padded, "align")
+    assert len(losses) == 8 and losses[0] > losses[-1] and len(evals) == 2
+    for packing in ("true", "flat"):
+        packed = demo(tmp_path / packing, shapes, *steps, f"stages.align.data.packing={packing}")
+        assert train(packed, stage="align")["align"]["steps"] == 8
+        close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=0)
+        close(torch.tensor(logged_losses(packed, "align")), torch.tensor(losses))
+        close(torch.tensor(eval_losses(packed, "align")), torch.tensor(evals))
 
 
 @pytest.mark.slow
@@ -279,7 +311,7 @@ def test_recipe_points_trl_packing_keys_to_data_packing(tmp_path, shapes):
     for key in ("packing", "padding_free"):
         with pytest.raises(RecipeError, match=rf"stages\.sft\.args\.{key}: .*data\.packing: true"):
             demo(tmp_path, shapes, f"stages.sft.args.{key}=true")
-    with pytest.raises(RecipeError, match=r"stages\.sft\.data\.packing: expected bool"):
+    with pytest.raises(RecipeError, match=r"packing: 'yes please' is not true, false or one of \['flat', 'rows'\]"):
         demo(tmp_path, shapes, "stages.sft.data.packing=yes please")
     with pytest.raises(RecipeError, match=r"stages\.sft\.data\.packing: llm\.attn_implementation 'paged\|sdpa'"):
         demo(tmp_path, shapes, "stages.sft.data.packing=true", "llm.attn_implementation=paged|sdpa")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .feature_cache import FeatureCache
-from .packing import IGNORE_INDEX, pack
+from .packing import IGNORE_INDEX, LAYOUTS, pack
 from .processor import VLMProcessor
 from .rows import WHERE, group_indices, open_image, row_tools, with_images
 
@@ -82,8 +82,8 @@ class VLMCollator:
 
     Labels keep only what the assistant produces (its answers, tool calls and reasoning, and
     `<|im_end|>`; an empty think block is prompt; tool results are not), as the chat template's
-    generation markers say. With `packing`, the batch comes out as one padding-free row
-    (`vlm_peft.data.packing.pack`): `input_ids`, `labels`, `position_ids`, `cu_seq_lens_*`, images.
+    generation markers say. With `packing` ("flat" or "rows"), the batch comes out packed in that
+    layout (`vlm_peft.data.packing`): `input_ids`, `labels`, `position_ids`, `cu_seq_lens_*`, images.
     """
 
     def __init__(
@@ -92,8 +92,10 @@ class VLMCollator:
         image_root: str | Path | None = None,
         max_length: int | None = None,
         features: FeatureCache | None = None,
-        packing: bool = False,
+        packing: str | None = None,
     ):
+        if packing is not None and packing not in LAYOUTS:
+            raise ValueError(f"VLMCollator(packing={packing!r}): use None or one of {list(LAYOUTS)}.")
         self.processor = processor
         self.image_root = image_root
         self.max_length = max_length
@@ -133,4 +135,6 @@ class VLMCollator:
         if cached:
             batch["image_features"] = torch.cat(cached)
         # Each row is truncated to max_length first, as unpacked: the packed row holds at most rows x max_length.
-        return pack(batch) if self.packing else batch
+        if self.packing is None:
+            return batch
+        return pack(batch, self.packing, pad_token_id=self.processor.tokenizer.pad_token_id)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ..data.packing import LAYOUTS
 from ..model.config import PROJECTOR_KINDS, PROJECTOR_REVISIONS
 from ..model.packed import PACKED_ATTENTION
 from . import strategies
@@ -91,9 +92,11 @@ class DataSpec:
     image_root: str | None = None
     # A feature cache (vlm-peft data cache-features): training reads patch features, not images.
     features: str | None = None
-    # Padding-free: each training batch's rows (each cut to max_length) go end to end in one row, with
-    # position_ids restarting per row and no padding computed (vlm_peft.data.packing).
-    packing: bool = False
+    # Padding-free: each training batch's conversations (each cut to max_length) go end to end, with
+    # position_ids restarting per conversation (vlm_peft.data.packing). true: the layout that suits the
+    # attention implementation (one flat row for flash / flex attention, rows of the longest
+    # conversation's width for SDPA / eager); or name it: "flat", "rows".
+    packing: bool | str = False
 
 
 @dataclass
@@ -281,6 +284,10 @@ def validate(recipe: Recipe) -> Recipe:
         if stage.lora is not None:
             if stage.lora.r < 1 or stage.lora.alpha <= 0 or not 0 <= stage.lora.dropout < 1:
                 raise RecipeError(f"{path}.lora: need r >= 1, alpha > 0 and dropout in [0, 1), got {stage.lora}.")
+        if isinstance(stage.data.packing, str) and stage.data.packing not in LAYOUTS:
+            raise RecipeError(
+                f"{path}.data.packing: {stage.data.packing!r} is not true, false or one of {list(LAYOUTS)}."
+            )
         attention = recipe.llm.attn_implementation
         if stage.data.packing and attention is not None and attention not in PACKED_ATTENTION:
             raise RecipeError(

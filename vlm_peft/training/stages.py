@@ -15,6 +15,7 @@ from trl import SFTConfig
 
 from ..data.collator import VLMCollator
 from ..data.feature_cache import FeatureCache
+from ..data.packing import layout_for
 from ..data.rows import fit_to_length, load_rows
 from ..model.checkpoint import load_training_weights, unwrap
 from ..model.config import CONFIG_NAME, VLMConfig
@@ -85,11 +86,15 @@ def run_stage(
     eval_rows = load_rows(stage.data.eval, stage.data.format) if stage.data.eval else None
     if args.max_length is not None:
         train_rows = fit_to_length(train_rows, processor, args.max_length, f"stages.{stage.name}.data.train")
+    layout = None
     if stage.data.packing:
+        attention = unwrap(model).config._attn_implementation
         try:
             check_packing_attention(unwrap(model), f"stages.{stage.name}.data.packing")
         except ValueError as err:
             raise RecipeError(str(err)) from None
+        layout = stage.data.packing if isinstance(stage.data.packing, str) else layout_for(attention)
+        logger.info("stage %s: packing batches in %s layout (%s attention)", stage.name, layout, attention)
     features = None
     if stage.data.features:
         features = FeatureCache(stage.data.features)
@@ -111,6 +116,7 @@ def run_stage(
         stage,
         callbacks,
         features,
+        layout,
     )
     find = resume is not False and stage_dir.is_dir()
     # The main process moves torn checkpoints aside first; the others then find the same one.
@@ -242,6 +248,7 @@ def _make_trainer(
     stage: StageSpec,
     callbacks=None,
     features: FeatureCache | None = None,
+    packing: str | None = None,
 ):
 
     return VLMTrainer(
@@ -251,7 +258,7 @@ def _make_trainer(
         eval_dataset=eval_rows,
         processing_class=processor,
         data_collator=VLMCollator(
-            processor, image_root, max_length=args.max_length, features=features, packing=stage.data.packing
+            processor, image_root, max_length=args.max_length, features=features, packing=packing
         ),
         projector_lr=stage.lr.projector,
         attention_lr=stage.lr.attention_or_default,
