@@ -288,12 +288,14 @@ def test_packed_training_follows_the_padded_run_step_by_step(tmp_path, shapes):
 
 @pytest.mark.slow
 def test_packed_demo_recipe_learns(tmp_path, shapes):
-    """The shortened demo of test_train.test_demo_recipe_learns, packed: the same bar on held-out colour questions."""
+    """The demo, shortened further than test_train's (~60 s on 2 cores), packed: the held-out colour
+    questions clear the same bar. Padded, this run ends with the same numbers (measured: sft EM 66.7 %,
+    colour 18 of 20, train loss 4.0111 both ways), as the step-by-step test above predicts."""
     recipe = demo(
         tmp_path,
         shapes,
-        "stages.align.args.max_steps=60",
-        "stages.sft.args.max_steps=300",
+        "stages.align.args.max_steps=40",
+        "stages.sft.args.max_steps=180",
         "stages.align.eval.max_samples=32",
         "stages.sft.args.save_steps=1000",
         "stages.align.args.save_steps=1000",
@@ -301,7 +303,7 @@ def test_packed_demo_recipe_learns(tmp_path, shapes):
         "stages.sft.data.packing=true",
     )
     results = train(recipe)
-    assert results["sft"]["steps"] == 300
+    assert results["sft"]["steps"] == 180
     predictions = [json.loads(line) for line in (recipe.stage_dir("sft") / "eval_predictions.jsonl").open()]
     colour = [p["correct"] for p in predictions if p["prompt"].startswith("What colour")]
     assert sum(colour) / len(colour) >= 0.8
