@@ -7,11 +7,13 @@ cost their own tokens only. Each step here is forward + backward of the loss (pr
 LLM frozen) on the same rows both ways; throughput counts real tokens. Image features are precomputed
 (as with a feature cache): the vision tower costs the same either way and would only dilute the ratio.
 
-On CPU, SDPA masks a packed row as a whole, so its attention computes every pair of the row (the table
-counts them: `attn pairs`, relative to padded) and only the linear layers gain; flash attention's varlen
-kernels on a GPU compute each conversation's own pairs (counted in the last line of each table).
+Both layouts of vlm_peft.data.packing run: `rows` (what `packing: true` picks for SDPA: the batch's
+conversations filled into rows as wide as its longest one) and `flat` (one row: the layout for varlen
+kernels). SDPA masks a row as a whole and computes every pair of it: `attn pairs` counts them,
+relative to padded; a flat row under SDPA costs N x (1 - padding)^2 the padded pairs. Flash attention's
+varlen kernels (GPU) compute each conversation's own pairs instead (the last line of each table).
 
-Run: `python -m bench.packing` (~8 min on 2 CPU cores) or `--quick` (toy sizes, for CI).
+Run: `python -m bench.packing` (~10 min on 2 CPU cores) or `--quick` (toy sizes, for CI).
 """
 
 from __future__ import annotations
@@ -146,16 +148,14 @@ def step(model: torch.nn.Module, batch: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def attention_pairs(padded: list[dict[str, Any]]) -> dict[str, int]:
-    """Query-key pairs attention computes per layer and head, summed over the steps: padded rows
-    (rows x longest^2), a packed row under SDPA / eager (a mask over the whole row: total^2) and under
-    a varlen kernel (flash attention: each conversation's own length^2)."""
-    lengths = [b["attention_mask"].sum(1) for b in padded]
-    return {
-        "padded": sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2 for b in padded),
-        "packed": sum(int(n.sum()) ** 2 for n in lengths),
-        "varlen": sum(int((n**2).sum()) for n in lengths),
-    }
+def attention_pairs(batch: dict[str, Any]) -> int:
+    """Query-key pairs that SDPA / eager compute per layer and head: every pair of every row, masked or not."""
+    return batch["input_ids"].shape[0] * batch["input_ids"].shape[1] ** 2
+
+
+def varlen_pairs(batch: dict[str, Any]) -> int:
+    """What a varlen kernel (flash attention) computes instead: each conversation's own pairs."""
+    return int((batch["attention_mask"].sum(1) ** 2).sum())
 
 
 def measure(size: Size, quick: bool) -> list[str]:
@@ -167,38 +167,46 @@ def measure(size: Size, quick: bool) -> list[str]:
     )
     rows = make_rows(size.batch * size.batches, 60 if quick else 1000)
     padded = [collator(rows[i : i + size.batch]) for i in range(0, len(rows), size.batch)]
-    packed = [pack(b) for b in padded]
+    pad = tokenizer.pad_token_id
+    # What `packing: true` does with SDPA (rows), and the flat row that varlen kernels get.
+    variants = {"padded": padded, **{f"packed, {k}": [pack(b, k, pad) for b in padded] for k in ("rows", "flat")}}
     model = build(size, len(tokenizer), processor.image_token_id)
     real = sum(int(b["attention_mask"].sum()) for b in padded)
-    positions = sum(b["input_ids"].numel() for b in padded)
-    assert real == sum(b["input_ids"].shape[1] for b in packed)
     lengths = sorted(int(n) for b in padded for n in b["attention_mask"].sum(1))
-    pairs = attention_pairs(padded)
 
     smallest = min(range(len(padded)), key=lambda i: padded[i]["input_ids"].numel())
-    step(model, padded[smallest]), step(model, packed[smallest])  # warm-up
-    totals: dict[str, list[float]] = {"padded": [], "packed": []}
+    for batches in variants.values():  # warm-up
+        step(model, batches[smallest])
+    totals: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(size.repeats):
-        spent = {"padded": 0.0, "packed": 0.0}
-        for a, b in zip(padded, packed):  # interleaved step by step: drift on a shared machine hits both alike
-            spent["padded"] += step(model, a)
-            spent["packed"] += step(model, b)
-        for key, value in spent.items():
-            totals[key].append(value)
-    padded_s, packed_s = statistics.median(totals["padded"]), statistics.median(totals["packed"])
+        spent = dict.fromkeys(variants, 0.0)
+        for i in range(len(padded)):  # interleaved step by step: drift on a shared machine hits all alike
+            for name, batches in variants.items():
+                spent[name] += step(model, batches[i])
+        for name, value in spent.items():
+            totals[name].append(value)
+    seconds = {name: statistics.median(values) for name, values in totals.items()}
     deciles = statistics.quantiles(lengths, n=10)
-    return [
+    base_pairs = sum(attention_pairs(b) for b in padded)
+    lines = [
         f"{size.name}: {len(rows)} rows, {len(padded)} steps of {size.batch} rows, max_length {size.max_length}; "
         f"tokens per row: median {statistics.median(lengths):.0f}, p10 {deciles[0]:.0f}, p90 {deciles[-1]:.0f}, "
         f"max {lengths[-1]}",
-        f"  {'':<7} {'positions':>10} {'padding':>8} {'attn pairs':>11} {'s/step':>7} {'real tok/s':>11} {'speed':>7}",
-        f"  {'padded':<7} {positions:>10} {1 - real / positions:>8.1%} {1:>10.2f}x {padded_s / len(padded):>7.2f} "
-        f"{real / padded_s:>11.0f} {1:>6.2f}x",
-        f"  {'packed':<7} {real:>10} {0:>8.1%} {pairs['packed'] / pairs['padded']:>10.2f}x "
-        f"{packed_s / len(packed):>7.2f} {real / packed_s:>11.0f} {padded_s / packed_s:>6.2f}x",
-        f"  (attention pairs of a varlen kernel on the packed rows, flash attention on a GPU: "
-        f"{pairs['varlen'] / pairs['padded']:.2f}x the padded ones)",
+        f"  {'':<13} {'positions':>10} {'padding':>8} {'attn pairs':>11} {'s/step':>7} {'real tok/s':>11} {'speed':>7}",
     ]
+    for name, batches in variants.items():
+        positions = sum(b["input_ids"].numel() for b in batches)
+        pairs = sum(attention_pairs(b) for b in batches) / base_pairs
+        speed = seconds["padded"] / seconds[name]
+        lines.append(
+            f"  {name:<13} {positions:>10} {1 - real / positions:>8.1%} {pairs:>10.2f}x "
+            f"{seconds[name] / len(batches):>7.2f} {real / seconds[name]:>11.0f} {speed:>6.2f}x"
+        )
+    varlen = sum(varlen_pairs(b) for b in padded) / base_pairs
+    lines.append(
+        f"  (a varlen kernel, flash attention on a GPU, computes {varlen:.2f}x the padded pairs on the flat rows)"
+    )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = QUICK if args.quick else SIZES
     print(
         "packed vs padded training steps (forward + backward; projector + LoRA r=16 trainable; image features "
-        "precomputed); the same rows both ways, real tokens per second, medians of interleaved repetitions"
+        "precomputed; SDPA); the same rows every way, real tokens per second, medians of interleaved repetitions"
     )
     for key, size in sizes.items():
         if args.only in (None, key):
