@@ -13,7 +13,10 @@ import time
 
 import torch
 
-BENCHMARKS = ("projector", "overhead", "answer_logits", "feature_cache", "data_loading", "demo_task", "learning", "gpu")
+BENCHMARKS = (
+    "projector", "overhead", "answer_logits", "feature_cache", "data_loading", "packing", "demo_task", "learning",
+    "gpu",
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 
 from .feature_cache import FeatureCache
+from .packing import IGNORE_INDEX, LAYOUTS, pack
 from .processor import VLMProcessor
 from .rows import WHERE, group_indices, open_image, row_tools, with_images
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "VLMCollator", "encode_chats"]
 
 
 def encode_chats(
@@ -81,7 +82,8 @@ class VLMCollator:
 
     Labels keep only what the assistant produces (its answers, tool calls and reasoning, and
     `<|im_end|>`; an empty think block is prompt; tool results are not), as the chat template's
-    generation markers say.
+    generation markers say. With `packing` ("flat" or "rows"), the batch comes out packed in that
+    layout (`vlm_peft.data.packing`): `input_ids`, `labels`, `position_ids`, `cu_seq_lens_*`, images.
     """
 
     def __init__(
@@ -90,13 +92,17 @@ class VLMCollator:
         image_root: str | Path | None = None,
         max_length: int | None = None,
         features: FeatureCache | None = None,
+        packing: str | None = None,
     ):
+        if packing is not None and packing not in LAYOUTS:
+            raise ValueError(f"VLMCollator(packing={packing!r}): use None or one of {list(LAYOUTS)}.")
         self.processor = processor
         self.image_root = image_root
         self.max_length = max_length
         self.features = features
+        self.packing = packing
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         conversations, cached = [], []
         for row in rows:
             where = row.get(WHERE) or "a row"
@@ -128,4 +134,7 @@ class VLMCollator:
             batch["pixel_values"] = out["pixel_values"]
         if cached:
             batch["image_features"] = torch.cat(cached)
-        return batch
+        # Each row is truncated to max_length first, as unpacked: the packed row holds at most rows x max_length.
+        if self.packing is None:
+            return batch
+        return pack(batch, self.packing, pad_token_id=self.processor.tokenizer.pad_token_id)

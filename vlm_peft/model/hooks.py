@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import VLMConfig
 from .engines import gathers_per_call
+from .packed import PACKED_MARKER, prepare_packed_forward
 from .splice import check_image_count, image_runs
 from .vision import VisionTower
 
@@ -94,6 +95,7 @@ def _count_images(llm: nn.Module, input_ids: torch.Tensor, images: torch.Tensor 
 
 def _splice_images(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     kwargs = _positional_to_kwargs(module, args, kwargs)
+    prepare_packed_forward(module, kwargs)
     pixel_values = kwargs.pop("pixel_values", None)
     image_features = kwargs.pop("image_features", None)
     images = pixel_values if image_features is None else image_features
@@ -137,6 +139,8 @@ def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     it expands rows for beams / num_return_sequences itself and feeds the embeddings at prefill
     only, so the images are encoded once however generation proceeds."""
     cfg = get_state(self).config
+    if PACKED_MARKER in kwargs:
+        raise ValueError("generate takes one prompt per row; packed batches are for training and loss evaluation.")
     # Placeholders are input-only: a generated one would start a run no image can fill.
     generation_config = kwargs.get("generation_config") or self.generation_config
     suppress = kwargs.pop("suppress_tokens", None) or generation_config.suppress_tokens or []

@@ -130,8 +130,9 @@ def build_processor(recipe: Recipe, tokenizer: Any, vision_dir: str) -> VLMProce
     return VLMProcessor(image_processor, tokenizer, num_image_tokens=recipe.projector.num_image_tokens)
 
 
-def load_llm(base: str, dtype: str) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(base, dtype=DTYPE[dtype])
+def load_llm(base: str, dtype: str, attn_implementation: str | None = None) -> torch.nn.Module:
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(base, dtype=DTYPE[dtype], **kwargs)
 
 
 def new_vlm_config(recipe: Recipe, vision_dir: str, processor: VLMProcessor) -> VLMConfig:
@@ -153,7 +154,7 @@ def new_vlm_config(recipe: Recipe, vision_dir: str, processor: VLMProcessor) -> 
 def build_stage_model(recipe: Recipe, stage: StageSpec, base: str, init_from: Path | None, new_cfg: VLMConfig):
     """The attached model for a stage: new projector, or the previous stage's; LoRA as the stage says.
     Under ZeRO-3 the LLM loads partitioned (the stage's trainer arguments are built first), the tower whole."""
-    llm = load_llm(base, recipe.llm.dtype)
+    llm = load_llm(base, recipe.llm.dtype, recipe.llm.attn_implementation)
     # New projector and LoRA weights come from the recipe's seed, whatever ran before in this process.
     torch.manual_seed(recipe.seed)
     with whole_models():

@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from ..data.packing import LAYOUTS
 from ..model.config import PROJECTOR_KINDS, PROJECTOR_REVISIONS
+from ..model.packed import PACKED_ATTENTION
 from . import strategies
 from .schema import RecipeError, build, check_finite, convert
 
@@ -29,8 +31,8 @@ RESERVED_ARGS = {
     "remove_unused_columns": "the collator needs every column; vlm-peft sets it",
     "dataset_kwargs": "vlm-peft prepares the dataset itself",
     "dataset_text_field": "rows are conversations in `messages`",
-    "packing": "packing would split image placeholder runs",
-    "padding_free": "not supported with images",
+    "packing": "TRL's packing would split image placeholder runs; set stages.<name>.data.packing: true (whole rows)",
+    "padding_free": "TRL's padding-free collator has no images; set stages.<name>.data.packing: true",
     "assistant_only_loss": "labels are always masked to the assistant's tokens",
     "completion_only_loss": "labels are always masked to the assistant's tokens",
     "load_best_model_at_end": "not supported yet; evaluate the checkpoints instead",
@@ -59,6 +61,8 @@ class ModelSpec:
 class LLMSpec(ModelSpec):
     # Required with `random`; defaults to name_or_path otherwise.
     tokenizer: str | None = None
+    # transformers' attn_implementation (sdpa, eager, flash_attention_2, ...); None: its default (sdpa).
+    attn_implementation: str | None = None
 
 
 @dataclass
@@ -96,6 +100,11 @@ class DataSpec:
     # Processes that parse and check rows into the cache, and measure them against max_length (default: one
     # per 20k rows, up to 8).
     num_proc: int | None = None
+    # Padding-free: each training batch's conversations (each cut to max_length) go end to end, with
+    # position_ids restarting per conversation (vlm_peft.data.packing). true: the layout that suits the
+    # attention implementation (one flat row for flash / flex attention, rows of the longest
+    # conversation's width for SDPA / eager); or name it: "flat", "rows".
+    packing: bool | str = False
 
 
 @dataclass
@@ -297,6 +306,16 @@ def validate(recipe: Recipe) -> Recipe:
         if stage.lora is not None:
             if stage.lora.r < 1 or stage.lora.alpha <= 0 or not 0 <= stage.lora.dropout < 1:
                 raise RecipeError(f"{path}.lora: need r >= 1, alpha > 0 and dropout in [0, 1), got {stage.lora}.")
+        if isinstance(stage.data.packing, str) and stage.data.packing not in LAYOUTS:
+            raise RecipeError(
+                f"{path}.data.packing: {stage.data.packing!r} is not true, false or one of {list(LAYOUTS)}."
+            )
+        attention = recipe.llm.attn_implementation
+        if stage.data.packing and attention is not None and attention not in PACKED_ATTENTION:
+            raise RecipeError(
+                f"{path}.data.packing: llm.attn_implementation {attention!r} ignores packed sequence boundaries "
+                f"(conversations would attend to each other); use one of {list(PACKED_ATTENTION)}, or no packing."
+            )
         max_length = stage.args.get("max_length")
         if isinstance(max_length, int) and max_length <= recipe.projector.num_image_tokens + 2:
             raise RecipeError(

@@ -16,11 +16,13 @@ from trl import SFTConfig
 from ..data.collator import VLMCollator
 from ..data.feature_cache import FeatureCache
 from ..data.loading import load_rows
+from ..data.packing import layout_for
 from ..data.rows import fit_to_length
 from ..data.streaming import FittingCollator, stream_rows
 from ..model.checkpoint import load_training_weights, unwrap
 from ..model.config import CONFIG_NAME, VLMConfig
 from ..model.hooks import get_state
+from ..model.packed import check_packing_attention
 from . import distributed
 from .build import (
     build_processor,
@@ -102,6 +104,15 @@ def run_stage(
     if resume and checkpoint is None:
         logger.warning("stage %s: --resume given but no checkpoint in %s; starting fresh", stage.name, stage_dir)
     train_rows, eval_rows = _load_data(stage, args, processor)
+    layout = None
+    if stage.data.packing:
+        attention = unwrap(model).config._attn_implementation
+        try:
+            check_packing_attention(unwrap(model), f"stages.{stage.name}.data.packing")
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+        layout = stage.data.packing if isinstance(stage.data.packing, str) else layout_for(attention)
+        logger.info("stage %s: packing batches in %s layout (%s attention)", stage.name, layout, attention)
     features = None
     if stage.data.features:
         features = FeatureCache(stage.data.features)
@@ -131,6 +142,7 @@ def run_stage(
         stage,
         callbacks,
         features,
+        layout,
     )
     if position is not None:
         if position.rows:
@@ -290,9 +302,10 @@ def _make_trainer(
     stage: StageSpec,
     callbacks=None,
     features: FeatureCache | None = None,
+    packing: str | None = None,
 ):
 
-    collator = VLMCollator(processor, image_root, max_length=args.max_length, features=features)
+    collator = VLMCollator(processor, image_root, max_length=args.max_length, features=features, packing=packing)
     if stage.data.streaming:  # streamed rows meet max_length here, batch by batch
         collator = FittingCollator(collator, args.max_length, f"stages.{stage.name}.data.train")
     return VLMTrainer(
