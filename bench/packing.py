@@ -13,7 +13,7 @@ kernels). SDPA masks a row as a whole and computes every pair of it: `attn pairs
 relative to padded; a flat row under SDPA costs N x (1 - padding)^2 the padded pairs. Flash attention's
 varlen kernels (GPU) compute each conversation's own pairs instead (the last line of each table).
 
-Run: `python -m bench.packing` (~10 min on 2 CPU cores) or `--quick` (toy sizes, for CI).
+Run: `python -m bench.packing` (~5 min on 2 idle CPU cores) or `--quick` (toy sizes, for CI).
 """
 
 from __future__ import annotations
@@ -80,7 +80,14 @@ SIZES = {
         "tiny (the demo's Qwen3: hidden 128, 4 layers; 16 image tokens)", TINY_LLM, TINY_CLIP, 16, 8, 6, 2, 2048
     ),
     "real": Size(
-        "Qwen3-0.6B width (hidden 1024, 2 of its 28 layers; 196 image tokens)", REAL_WIDTH, CLIP_B16, 196, 4, 4, 1, 2048
+        "Qwen3-0.6B width (hidden 1024, 2 of its 28 layers; 196 image tokens)",
+        REAL_WIDTH,
+        CLIP_B16,
+        196,
+        4,
+        10,
+        1,
+        2048,
     ),
 }
 QUICK = {
