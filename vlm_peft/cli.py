@@ -124,6 +124,22 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .serving.export import export
+
+    out = export(
+        args.model_dir,
+        args.out_dir,
+        format=args.format,
+        base=args.base,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+    print(f"{args.format} model: {out}")
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     from .serving.chat import Chat, generation_kwargs
     from .serving.loading import load
@@ -209,6 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reference-vision", action="store_true", help="name the vision tower instead of copying it")
     m.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     m.set_defaults(func=_merge)
+
+    x = sub.add_parser("export", help="write a merged model as a transformers LLaVA checkpoint (vLLM, SGLang)")
+    x.add_argument("model_dir", help="adapter dir or merged dir")
+    x.add_argument("out_dir")
+    x.add_argument(
+        "--format",
+        choices=["llava", "vlm-peft"],
+        default="llava",
+        help="llava: LlavaForConditionalGeneration + LlavaProcessor (mlp projector only); vlm-peft: the merged dir",
+    )
+    x.add_argument("--base", help="base model for an adapter dir (default: the one it names)")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the base model's")
+    x.add_argument("--max-shard-size", default="2GB")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    x.set_defaults(func=_export)
 
     c = sub.add_parser("chat", help="talk to a merged or adapter dir about images")
     c.add_argument("model_dir")

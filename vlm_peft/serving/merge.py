@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +91,61 @@ def _refuse_overlap(out: Path, sources: dict[str, Path]) -> None:
         source = source.resolve()
         if target == source or target in source.parents or source in target.parents:
             raise ValueError(
-                f"{out}: the merged dir cannot be, contain or lie inside the {what} it is made from ({source}); "
+                f"{out}: the output dir cannot be, contain or lie inside the {what} it is made from ({source}); "
                 "write it somewhere else."
             )
+
+
+def prepare_output(source_dir: Path, out: Path, base: str | None, overwrite: bool) -> None:
+    """Before anything is loaded: refuse an output over its own sources or over a non-empty dir (unless
+    `overwrite`), and clean up after earlier writes into `out` that died."""
+    sources = {"adapter dir": source_dir}
+    if (source_dir / "vlm_config.json").is_file():
+        named = VLMConfig.from_pretrained(source_dir)
+        for what, name in (("base model", base or named.base_model), ("vision tower", named.vision_model)):
+            if name and not name.startswith("./") and Path(name).exists():  # ./x lies in the adapter dir
+                sources[what] = Path(name)
+    _refuse_overlap(out, sources)
+    _recover(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+
+
+def load_merged(
+    source_dir: str | Path, base: str | None = None, dtype: str | torch.dtype | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """(LLM with LoRA folded in and vision attached, processor) from an adapter or merged dir."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    model, processor = load(source_dir, base=base, dtype=dtype or "auto")
+    llm = unwrap(model)
+    if isinstance(model, PeftModel):
+        model.merge_and_unload()  # folds LoRA in place; the projector wrapper becomes the trained copy
+    return llm, processor
+
+
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A temporary dir beside `out` to write into, put in place of `out` when the block ends without error
+    (with `out` replaced in one atomic exchange where the system allows) and removed when it fails."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if not out.exists():
+            tmp.rename(out)
+        elif exchange(tmp, out):
+            remove(tmp)  # the old model (or a link OUT was), now under the temporary name
+        else:  # two renames; a write dying between them is repaired by the next one (_recover)
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def merge(
@@ -108,34 +162,15 @@ def merge(
     plus `vlm_config.json`, the projector, the vision tower (or a reference to it with
     `copy_vision=False`), the processor and a model card."""
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
-    sources = {"adapter dir": adapter_dir}
-    cfg_file = adapter_dir / "vlm_config.json"
-    if cfg_file.is_file():
-        named = VLMConfig.from_pretrained(adapter_dir)
-        for what, name in (("base model", base or named.base_model), ("vision tower", named.vision_model)):
-            if name and not name.startswith("./") and Path(name).exists():  # ./x lies in the adapter dir
-                sources[what] = Path(name)
-    _refuse_overlap(out, sources)
-    _recover(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
-        dtype = DTYPES[dtype]
-    model, processor = load(adapter_dir, base=base, dtype=dtype or "auto")
-    llm = unwrap(model)
-    if isinstance(model, PeftModel):
-        model.merge_and_unload()  # folds LoRA in place; the projector wrapper becomes the trained copy
+    prepare_output(adapter_dir, out, base, overwrite)
+    llm, processor = load_merged(adapter_dir, base, dtype)
     projector = active_projector(llm)
     state = get_state(llm)
     cfg = state.config
     if not copy_vision and (state.vision.source is None or cfg.vision_model.startswith("./")):
         raise ValueError("the vision tower has no source to reference (random or stored in the adapter); copy it.")
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with building(out) as tmp:
         text_state = {k: v for k, v in llm.state_dict().items() if not k.startswith(f"{PROJECTOR_ATTR}.")}
         llm.save_pretrained(tmp, state_dict=text_state, max_shard_size=max_shard_size)
         weights = {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()}
@@ -153,17 +188,5 @@ def merge(
             shutil.copy(adapter_dir / "recipe.yaml", tmp / "recipe.yaml")
             recipe = yaml.safe_load((adapter_dir / "recipe.yaml").read_text())
         (tmp / "README.md").write_text(_card(cfg, adapter_dir, recipe, next(llm.parameters()).dtype))
-        if not out.exists():
-            tmp.rename(out)
-        elif exchange(tmp, out):
-            remove(tmp)  # the old model (or a link OUT was), now under the temporary name
-        else:  # two renames; a merge dying between them is repaired by the next one (_recover)
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("merged %s into %s", adapter_dir, out)
     return out
