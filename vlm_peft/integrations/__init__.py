@@ -1,7 +1,7 @@
 """Adapters that let other tools drive vlm-peft models (lmms-eval).
 
-Modules here import their tool at module level, so `vlm_peft` never imports them; the tools find them
-through their own plugin mechanisms (entry points declared in pyproject.toml).
+`lmms_eval.py` imports lmms-eval at module level, so `vlm_peft` never imports it; lmms-eval finds it
+through its plugin entry point (pyproject.toml). `generation.py` needs no tool.
 """
 
 from __future__ import annotations
