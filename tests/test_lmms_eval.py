@@ -286,6 +286,16 @@ def test_multi_round_builds_each_round_from_the_task(adapter):
     assert out == [[first, second]]
     assert seen == [(1, [first], None), (2, [first, second], {"round": 1})]
 
+    # The simple layout: round 0 from the context and doc_to_visual, then doc_to_text's 5-tuples.
+    def text_rounds(doc, previous_output=None, round_idx=None, previous_round_info=None):
+        if round_idx == 2:
+            return None, None, True, previous_output, None
+        return [make_image(COLORS[2])], "And now?", False, previous_output, None
+
+    args = (DOCS[0]["question"], greedy, doc_to_visual, text_rounds, 0, TASK, SPLIT)
+    simple = make_lm(adapter, simple=True)
+    assert simple.generate_until_multi_round([request("generate_until_multi_round", args)]) == [[first, second]]
+
 
 @needs_lmms_eval
 def test_bad_model_args_and_inputs_are_clear_errors(adapter, tmp_path):
