@@ -11,3 +11,7 @@ python -m pip install -q --upgrade pip
 # On a GPU machine, install the torch build you want before running this script.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
+# lmms-eval (the `lmms-eval` extra) for tests/test_lmms_eval.py: its own requirements would replace torch
+# with a CUDA build (through torchvision), so it comes without them, plus what its imports and its CLI need.
+python -m pip install -q --no-deps "lmms-eval>=0.7,<0.8"
+python -m pip install -q pytz loguru sacrebleu evaluate pytablewriter
