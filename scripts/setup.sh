@@ -11,3 +11,9 @@ python -m pip install -q --upgrade pip
 # On a GPU machine, install the torch build you want before running this script.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
+# The web page's browser test drives Debian's chromium through Selenium (no browser download). Best effort:
+# without apt-get (or without root) the test skips and says why.
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+    >/dev/null 2>&1 || echo "setup: could not install chromium (the web page test will skip)" >&2
+fi
