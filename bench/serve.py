@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         with BackgroundServer(app) as server:
             import openai  # the dev extra; the server needs only fastapi + uvicorn
 
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+            # Retries: a pooled connection idle past uvicorn's 5 s keep-alive (the in-process row) may be reset.
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=2, timeout=300)
 
             def direct() -> list[int]:
                 out = []

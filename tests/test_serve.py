@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ from vlm_peft.serving.generation import TextFilter, generate_turn, generation_kw
 from vlm_peft.tiny import tiny_clip_config, tiny_image_processor, tiny_qwen3
 
 from .conftest import make_image
+
+pytestmark = pytest.mark.slow  # two subprocesses (serve, chat) and a browser: ~1.5 CPU-minutes on 2 cores
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -167,7 +170,9 @@ def server(trained, tmp_path_factory):
 
 @functools.lru_cache
 def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    # The client's retries cover a pooled connection that the server closed (uvicorn's keep-alive is 5 s, and
+    # tests pause longer than that); they never retry a 4xx but a 429, which the queue test asks without them.
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=2, timeout=120)
 
 
 def ask(url: str, messages: list[dict], **kwargs):
@@ -380,28 +385,39 @@ def test_unknown_routes_and_models_answer_404_json(server):
 
 @pytest.fixture()
 def in_process(loaded, monkeypatch):
-    """The app in this process, local files allowed, one request may wait; `gate` holds generation."""
+    """The app in this process, local files allowed, one request may wait. Generation waits for `gate`;
+    `entered` says one has started; `calls` holds each generation's number of new tokens."""
     model, processor = loaded
-    gate, entered = threading.Event(), threading.Event()
+    held = SimpleNamespace(gate=threading.Event(), entered=threading.Event(), calls=[])
     real = model.generate
 
-    def held(*args, **kwargs):
-        entered.set()
-        assert gate.wait(60), "the test never opened the gate"
-        return real(*args, **kwargs)
+    def generate(*args, **kwargs):
+        held.entered.set()
+        assert held.gate.wait(60), "the test never opened the gate"
+        out = real(*args, **kwargs)
+        held.calls.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
 
-    gate.set()
-    monkeypatch.setattr(model, "generate", held)  # attach() wraps generate on the instance: restore that one
+    held.gate.set()
+    monkeypatch.setattr(model, "generate", generate)  # attach() wraps generate on the instance: restore that one
     config = ServeConfig(model_name="tiny", limits=Limits(allow_local_files=True), max_queue=1)
     try:
         with BackgroundServer(create_app(model, processor, config)) as running:
-            yield running.url, gate, entered
+            held.url = running.url
+            yield held
     finally:
-        gate.set()
+        held.gate.set()
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 def test_full_queue_is_429_and_local_files_need_the_flag(in_process, trained, loaded):
-    url, gate, entered = in_process
+    url = in_process.url
     image = trained[1][0]
     expected = reference(loaded, [(QUESTION, [image])])[0]
     local = {"role": "user", "content": [image_part(str(image)), {"type": "text", "text": QUESTION}]}
@@ -412,8 +428,8 @@ def test_full_queue_is_429_and_local_files_need_the_flag(in_process, trained, lo
     with pytest.raises(openai.BadRequestError, match="no such file"):
         ask(url, [missing])
 
-    gate.clear()
-    entered.clear()
+    in_process.gate.clear()
+    in_process.entered.clear()
     results: dict[str, str] = {}
 
     def background(name: str) -> None:
@@ -421,21 +437,40 @@ def test_full_queue_is_429_and_local_files_need_the_flag(in_process, trained, lo
 
     first = threading.Thread(target=background, args=("first",))
     first.start()
-    assert entered.wait(60)  # generating (held)
+    assert in_process.entered.wait(60)  # generating (held)
     second = threading.Thread(target=background, args=("second",))
     second.start()
-    deadline = time.monotonic() + 60
-    while httpx.get(url + "/health").json()["queued"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: httpx.get(url + "/health").json()["queued"] == 1, "the second request to be queued")
     with pytest.raises(openai.RateLimitError) as info:
-        ask(url, [user(QUESTION, image)])
+        client(url).with_options(max_retries=0).chat.completions.create(model="tiny", messages=[user(QUESTION, image)])
     assert info.value.status_code == 429 and info.value.body["code"] == "queue_full"
-    gate.set()
+    in_process.gate.set()
     first.join(120)
     second.join(120)
     assert results == {"first": expected, "second": expected}
     assert ask(url, [user(QUESTION, image)]).choices[0].message.content == expected
+
+
+def test_a_client_that_leaves_stops_its_generation_or_is_skipped(in_process, trained, loaded):
+    url, calls = in_process.url, in_process.calls
+    image = trained[1][0]
+    expected = reference(loaded, [(QUESTION, [image])])[0]
+    calls.clear()
+    in_process.gate.clear()
+    body = {"model": "tiny", "messages": [user(QUESTION, image)], "max_tokens": MAX_TOKENS, "stream": True}
+    with httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b:
+        with a.stream("POST", url + "/v1/chat/completions", json=body) as running:
+            assert next(running.iter_lines()).startswith("data: ")  # the role chunk; generation is held
+            assert in_process.entered.wait(60)
+            with b.stream("POST", url + "/v1/chat/completions", json=body) as waiting:
+                assert next(waiting.iter_lines()).startswith("data: ")
+                wait_for(lambda: httpx.get(url + "/health").json()["queued"] == 1, "the second request to be queued")
+        # Both clients hung up: the running generation stops after its first token, the waiting one never runs.
+    in_process.gate.set()
+    wait_for(lambda: httpx.get(url + "/health").json() == {"status": "ok", "queued": 0, "running": False}, "idle")
+    assert calls == [1]
+    assert ask(url, [user(QUESTION, image)]).choices[0].message.content == expected
+    assert len(calls) == 2 and calls[1] > 1  # a whole answer again
 
 
 def test_text_filter_is_the_same_however_the_stream_is_split():

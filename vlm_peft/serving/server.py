@@ -153,6 +153,11 @@ def create_app(model: torch.nn.Module, processor: Any, config: ServeConfig) -> F
         error = APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", code=code)
         return JSONResponse(error.body(), status_code=err.status_code, headers=getattr(err, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:  # logged by uvicorn as well
+        error = APIError(500, f"internal error: {type(err).__name__}: {err}", code="internal_error")
+        return JSONResponse(error.body(), status_code=500)
+
     def model_card() -> dict[str, Any]:
         return {"id": config.model_name, "object": "model", "created": started, "owned_by": "vlm-peft"}
 
