@@ -537,7 +537,13 @@ def test_web_page_uploads_asks_streams_keeps_and_resets(server, trained, loaded)
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) == answers)
             return driver.find_elements(By.CSS_SELECTOR, done)[-1].text
 
+        driver.execute_script(  # counts the answer's text updates: a streamed answer arrives in several
+            "window.pieces = 0; new MutationObserver(rs => rs.forEach(r => r.target.closest && "
+            "r.target.closest('.assistant') && window.pieces++)).observe(document.getElementById('log'), "
+            "{subtree: true, childList: true, characterData: true});"
+        )
         assert say(QUESTION, images[0], 1) == expected[0]
+        assert driver.execute_script("return window.pieces") >= 3
         assert driver.find_elements(By.CSS_SELECTOR, "#log .user img")  # the uploaded image is shown
         assert say("What shape is this?", None, 2) == expected[1]  # the conversation is kept
         driver.find_element(By.ID, "reset").click()
