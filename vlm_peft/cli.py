@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", help="the model name clients send (default: MODEL_DIR as given)")
     s.add_argument("--base", help="base model for an adapter dir (default: the one it names)")
     s.add_argument("--device", help="e.g. cuda; default: CPU")
-    s.add_argument("--allow-local-files", action="store_true", help="accept image paths / file:// URLs (data: only)")
+    s.add_argument("--allow-local-files", action="store_true", help="also take image paths, file:// URLs")
     s.add_argument("--max-queue", type=int, default=16, help="requests that may wait while one generates (then 429)")
     s.add_argument("--max-images", type=int, default=8, help="images per request (the whole conversation)")
     s.add_argument("--max-image-mb", type=float, default=20.0, help="encoded size of one image, MiB")
