@@ -15,7 +15,7 @@ import torch
 
 BENCHMARKS = (
     "projector", "overhead", "answer_logits", "feature_cache", "data_loading", "packing", "demo_task", "learning",
-    "gpu",
+    "serve", "gpu",
 )  # fmt: skip
 
 

@@ -15,3 +15,9 @@ python -m pip install -q -e ".[dev]"
 # with a CUDA build (through torchvision), so it comes without them, plus what its imports and its CLI need.
 python -m pip install -q --no-deps "lmms-eval>=0.7,<0.8"
 python -m pip install -q pytz loguru sacrebleu evaluate pytablewriter
+# The web page's browser test drives Debian's chromium through Selenium (no browser download). Best effort:
+# without apt-get (or without root) the test skips and says why.
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+    >/dev/null 2>&1 || echo "setup: could not install chromium (the web page test will skip)" >&2
+fi

@@ -141,7 +141,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .serving.chat import Chat, generation_kwargs
+    from .serving.chat import Chat
+    from .serving.generation import generation_kwargs
     from .serving.loading import load
 
     model, processor = load(args.model_dir, base=args.base, device=args.device)
@@ -154,6 +155,42 @@ def _chat(args: argparse.Namespace) -> int:
         chat.ask(args.prompt)
         return 0
     chat.repl(sys.stdin)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        logger.error("vlm-peft serve needs FastAPI and uvicorn (%s): pip install 'vlm-peft[serve]'", err)
+        return 2
+    from .serving.loading import load
+    from .serving.openai_schema import Limits
+    from .serving.server import ServeConfig, create_app, serve
+
+    for name in ("max_queue", "max_images", "max_image_mb", "max_image_pixels", "max_tokens", "max_prompt_tokens"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    model, processor = load(args.model_dir, base=args.base, device=args.device)
+    limits = Limits(
+        max_images=args.max_images,
+        max_image_bytes=int(args.max_image_mb * 2**20),
+        max_image_pixels=args.max_image_pixels,
+        max_prompt_tokens=args.max_prompt_tokens,
+        allow_local_files=args.allow_local_files,
+    )
+    config = ServeConfig(
+        model_name=args.served_model_name or args.model_dir,
+        limits=limits,
+        max_queue=args.max_queue,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
+    logger.info("serving %s as %r: chat page http://%s:%d/", args.model_dir, config.model_name, args.host, args.port)
+    serve(create_app(model, processor, config), host=args.host, port=args.port)
     return 0
 
 
@@ -252,6 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--think", action="store_true", help="Qwen3 thinking mode (off: an empty think block)")
     c.add_argument("--device", help="e.g. cuda; default: CPU")
     c.set_defaults(func=_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server + web chat page (pip install 'vlm-peft[serve]')")
+    s.add_argument("model_dir")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the model name clients send (default: MODEL_DIR as given)")
+    s.add_argument("--base", help="base model for an adapter dir (default: the one it names)")
+    s.add_argument("--device", help="e.g. cuda; default: CPU")
+    s.add_argument("--allow-local-files", action="store_true", help="also take image paths, file:// URLs")
+    s.add_argument("--max-queue", type=int, default=16, help="requests that may wait while one generates (then 429)")
+    s.add_argument("--max-images", type=int, default=8, help="images per request (the whole conversation)")
+    s.add_argument("--max-image-mb", type=float, default=20.0, help="encoded size of one image, MiB")
+    s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="width x height of one image")
+    s.add_argument("--max-prompt-tokens", type=int, help="image tokens included (default: the model's context)")
+    s.add_argument("--max-tokens", type=int, default=256, help="new tokens when a request names no max_tokens")
+    s.add_argument("--temperature", type=float, default=0.0, help="when a request names none; 0: greedy")
+    s.add_argument("--top-p", type=float, default=0.8, help="when a request names none")
+    s.set_defaults(func=_serve)
 
     d = sub.add_parser("data", help="dataset tools: " + ", ".join([*PASSTHROUGH, "cache-features"]))
     tools = d.add_subparsers(dest="tool", required=True)

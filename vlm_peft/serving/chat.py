@@ -9,7 +9,8 @@ from typing import Any, TextIO
 
 import torch
 from PIL import Image
-from transformers import TextStreamer
+
+from .generation import generate_turn, render
 
 HELP = "commands: /image PATH (attach to your next message), /reset, /quit"
 
@@ -36,28 +37,16 @@ class Chat:
         content = [{"type": "image", "image": img} for img in self.pending] + [{"type": "text", "text": text}]
         self.messages.append({"role": "user", "content": content})
         self.pending = []
-        inputs = self.processor.apply_chat_template(
-            self.messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            enable_thinking=self.think,
+        inputs = render(self.processor, self.messages, think=self.think, device=self.model.device)
+        turn = generate_turn(
+            self.model,
+            self.processor,
+            inputs,
+            on_text=lambda piece, stream_end=False: out.write(piece + ("\n" if stream_end else "")),
+            **self.generation,
         )
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
-        tokenizer = self.processor.tokenizer
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        streamer.on_finalized_text = lambda piece, stream_end=False: out.write(piece + ("\n" if stream_end else ""))
-        with torch.no_grad():
-            ids = self.model.generate(
-                **inputs,
-                streamer=streamer,
-                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id,
-                **self.generation,
-            )
         out.flush()
-        answer = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        answer = self.processor.tokenizer.decode(turn.ids, skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
@@ -82,9 +71,3 @@ class Chat:
                 out.write(f"unknown command; {HELP}\n")
             else:
                 self.ask(line, out)
-
-
-def generation_kwargs(max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
-    if temperature <= 0:
-        return {"max_new_tokens": max_new_tokens, "do_sample": False}
-    return {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "top_p": top_p}

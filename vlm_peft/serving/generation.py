@@ -1,0 +1,131 @@
+"""One chat turn: messages -> model inputs -> generate, streamed. `vlm-peft chat` and `vlm-peft serve`
+both run this, so the server answers what the chat answers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+END_OF_TURN = "<|im_end|>"
+
+
+@dataclass
+class Turn:
+    ids: list[int]  # the generated tokens (the end-of-turn token included when generated)
+    prompt_tokens: int  # image placeholder tokens included
+    finish_reason: str  # "stop" (end of turn, a stop string, cancelled) or "length"
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.ids)
+
+
+def generation_kwargs(max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+    if temperature <= 0:
+        return {"max_new_tokens": max_new_tokens, "do_sample": False}
+    return {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "top_p": top_p}
+
+
+def render(processor: Any, messages: list[dict[str, Any]], *, think: bool = False, device: Any = None) -> dict:
+    """Chat template + image placeholders + pixel_values for the next assistant turn. Image parts must
+    hold PIL images: transformers would fetch a URL or read a path by itself."""
+    inputs = processor.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        enable_thinking=think,
+    )
+    return {k: v.to(device) if device is not None else v for k, v in inputs.items()}
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends generation between two tokens once `event` is set (a client went away, the answer hit a stop
+    string that the text filter saw)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def generate_turn(
+    model: torch.nn.Module,
+    processor: Any,
+    inputs: dict,
+    *,
+    on_text: Callable[..., None] | None = None,
+    stop: Sequence[str] = (),
+    cancel: threading.Event | None = None,
+    seed: int | None = None,
+    **generation: Any,
+) -> Turn:
+    """Generate one answer for a single conversation. `on_text(piece, stream_end=False)` receives the decoded
+    text as transformers' `TextStreamer` releases it (special tokens skipped); `stop` strings end generation
+    (transformers' token-exact `stop_strings`; cutting them out of the text is the caller's); `seed` seeds
+    torch's RNG so that sampling repeats."""
+    tokenizer = processor.tokenizer
+    streamer = None
+    if on_text is not None:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer.on_finalized_text = on_text
+    extra: dict[str, Any] = {}
+    if stop:
+        extra.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if cancel is not None:
+        extra["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+    if seed is not None:
+        torch.manual_seed(seed)
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    with torch.no_grad():
+        ids = model.generate(
+            **inputs, streamer=streamer, eos_token_id=end, pad_token_id=tokenizer.pad_token_id, **generation, **extra
+        )
+    prompt = inputs["input_ids"].shape[1]
+    new = ids[0, prompt:].tolist()
+    limit = generation.get("max_new_tokens")
+    length = limit is not None and len(new) >= limit and (not new or new[-1] != end)
+    return Turn(ids=new, prompt_tokens=prompt, finish_reason="length" if length else "stop")
+
+
+class TextFilter:
+    """Turns streamed pieces into the answer as shown: leading and trailing whitespace trimmed (as `vlm-peft chat`
+    strips its answer) and cut before the first stop string. Text that may still turn out to be trailing
+    whitespace or the start of a stop string is held back, so the pieces it releases join to the same text
+    however the stream was split."""
+
+    def __init__(self, stop: Sequence[str] = ()):
+        self.stop = [s for s in stop if s]
+        self.buffer = ""
+        self.started = False
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.buffer += piece
+        if not self.started:
+            self.buffer = self.buffer.lstrip()
+            self.started = bool(self.buffer)
+        hits = [i for s in self.stop if (i := self.buffer.find(s)) >= 0]
+        if hits:
+            self.stopped = True
+            out, self.buffer = self.buffer[: min(hits)].rstrip(), ""
+            return out
+        held = max((k for s in self.stop for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
+        ready = self.buffer[: len(self.buffer) - held]
+        out = ready.rstrip()
+        self.buffer = self.buffer[len(out) :]
+        return out
+
+    def finish(self) -> str:
+        out = "" if self.stopped else self.buffer.rstrip()
+        self.buffer = ""
+        return out
