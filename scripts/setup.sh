@@ -13,7 +13,7 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
 # lmms-eval (the `lmms-eval` extra) for tests/test_lmms_eval.py: its own requirements would replace torch
 # with a CUDA build (through torchvision), so it comes without them, plus what its imports and its CLI need.
-python -m pip install -q --no-deps "lmms-eval>=0.7,<0.8"
+python -m pip install -q --no-deps "lmms-eval==0.7.3"
 python -m pip install -q pytz loguru sacrebleu evaluate pytablewriter
 # The web page's browser test drives Debian's chromium through Selenium (no browser download). Best effort:
 # without apt-get (or without root) the test skips and says why.

@@ -32,9 +32,14 @@ from .conftest import make_image
 
 pytestmark = pytest.mark.slow  # two subprocesses (serve, chat) and a browser: ~1.5 CPU-minutes on 2 cores
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
+if os.environ.get("VLM_PEFT_REQUIRE_OPTIONAL"):  # scripts/test.sh installs them: a skip there would hide a break
+    import fastapi  # noqa: F401
+    import httpx
+    import openai
+else:
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
 from vlm_peft.serving.openai_schema import Limits  # noqa: E402 - needs the [serve] extra
 from vlm_peft.serving.server import BackgroundServer, ServeConfig, create_app  # noqa: E402
 
@@ -261,6 +266,10 @@ def test_stop_strings_and_seed(server, trained):
     assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
     streamed = ask(server, [user(QUESTION, image)], stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+    # Stops are matched in the answer only: the prompt ends in "\n", so "\n" + the answer's first letter
+    # would end generation after one token if the match ran across the prompt's end (as `stop_strings` does).
+    spanning = ask(server, [user(QUESTION, image)], stop=["\n" + answer[0]])
+    assert spanning.choices[0].message.content == answer
     sampled = [ask(server, [user(QUESTION, image)], temperature=1.5, seed=s).choices[0].message.content
                for s in (1, 1, 2, 3, 4)]  # fmt: skip
     assert sampled[0] == sampled[1]  # a seed repeats
@@ -345,6 +354,16 @@ def bad_requests(path: Path) -> dict[str, tuple[dict | bytes, int, str | None]]:
         "max_tokens past the context": ({**ok, "max_tokens": 250}, 400, "context_length_exceeded"),
         "stream with a bad image": ({**with_image("https://x/y.png"), "stream": True}, 400, "remote_url"),
         "body too large": (b"x" * (4 * 2**20), 413, "request_too_large"),
+        "deeply nested JSON": (b"[" * 100_000, 400, "invalid_json"),
+        "temperature NaN": (json.dumps(ok)[:-1].encode() + b', "temperature": NaN}', 400, "temperature"),
+        "seed out of range": ({**ok, "seed": 2**64}, 400, "seed"),
+        "stop string too long": ({**ok, "stop": "x" * 300}, 400, "stop"),
+        "image too elongated": (with_image(b64(png_bytes(Image.new("RGB", (400, 4))))), 400, "image_too_large"),
+        "text far past the prompt limit": (
+            {**ok, "messages": [{"role": "user", "content": "x" * (16 * MAX_PROMPT + 1)}]},
+            400,
+            "prompt_too_long",
+        ),
     }
 
 

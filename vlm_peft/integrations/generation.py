@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-from transformers import StoppingCriteria
+from ..serving.generation import StopStrings
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["GENERATION_KEYS", "StopStrings", "cut_at_stops", "generation_kwargs"]
 
 GENERATION_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "top_k", "num_beams"}
 
@@ -51,19 +52,3 @@ def cut_at_stops(text: str, until: list[str]) -> str:
     for stop in until:
         text = text.split(stop, 1)[0]
     return text
-
-
-class StopStrings(StoppingCriteria):
-    """Ends a row once its *generated* text holds a stop string. transformers' `stop_strings` also
-    matches across the prompt's last tokens (a prompt ending in "\\n\\n" stops on a first "\\n"), which
-    would end rows that the final cut keeps going."""
-
-    def __init__(self, tokenizer: Any, stops: list[str], prompt_length: int):
-        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
-        # A character is at most 4 byte-level tokens; the margin covers skipped special tokens.
-        self.window = 4 * max(len(s) for s in stops) + 8
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        tail = input_ids[:, max(self.prompt_length, input_ids.shape[1] - self.window) :]
-        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)

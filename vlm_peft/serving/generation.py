@@ -26,7 +26,7 @@ class Turn:
 
 
 def generation_kwargs(max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
-    if temperature <= 0:
+    if temperature < 1e-5:  # greedy, as vLLM does: a tinier one overflows the logits to inf
         return {"max_new_tokens": max_new_tokens, "do_sample": False}
     return {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "top_p": top_p}
 
@@ -43,6 +43,22 @@ def render(processor: Any, messages: list[dict[str, Any]], *, think: bool = Fals
         enable_thinking=think,
     )
     return {k: v.to(device) if device is not None else v for k, v in inputs.items()}
+
+
+class StopStrings(StoppingCriteria):
+    """Ends a row once its *generated* text holds a stop string. transformers' `stop_strings` also
+    matches across the prompt's last tokens (a prompt ending in "\\n\\n" stops on a first "\\n"), which
+    would end rows that the final cut keeps going."""
+
+    def __init__(self, tokenizer: Any, stops: list[str], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, stops, prompt_length
+        # A character is at most 4 byte-level tokens; the margin covers skipped special tokens.
+        self.window = 4 * max(len(s) for s in stops) + 8
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        tail = input_ids[:, max(self.prompt_length, input_ids.shape[1] - self.window) :]
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
 class _Cancelled(StoppingCriteria):
@@ -69,7 +85,7 @@ def generate_turn(
 ) -> Turn:
     """Generate one answer for a single conversation. `on_text(piece, stream_end=False)` receives the decoded
     text as transformers' `TextStreamer` releases it (special tokens skipped); `stop` strings end generation
-    (transformers' token-exact `stop_strings`; cutting them out of the text is the caller's); `seed` seeds
+    once the generated text holds one (cutting them out of the text is the caller's); `seed` seeds
     torch's RNG so that sampling repeats."""
     tokenizer = processor.tokenizer
     streamer = None
@@ -77,18 +93,23 @@ def generate_turn(
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         streamer.on_finalized_text = on_text
     extra: dict[str, Any] = {}
-    if stop:
-        extra.update(stop_strings=list(stop), tokenizer=tokenizer)
+    prompt = inputs["input_ids"].shape[1]
+    criteria = StoppingCriteriaList()
+    if any(stop):
+        criteria.append(StopStrings(tokenizer, [s for s in stop if s], prompt))
     if cancel is not None:
-        extra["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
-    if seed is not None:
-        torch.manual_seed(seed)
+        criteria.append(_Cancelled(cancel))
+    if criteria:
+        extra["stopping_criteria"] = criteria
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    with torch.no_grad():
+    # A seeded request draws from its own copy of the RNG: it must not make the next requests' samples predictable.
+    gpus = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus, enabled=seed is not None), torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
         ids = model.generate(
             **inputs, streamer=streamer, eos_token_id=end, pad_token_id=tokenizer.pad_token_id, **generation, **extra
         )
-    prompt = inputs["input_ids"].shape[1]
     new = ids[0, prompt:].tolist()
     limit = generation.get("max_new_tokens")
     length = limit is not None and len(new) >= limit and (not new or new[-1] != end)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ FIELDS = {
 # Accepted at OpenAI's default value only: anything else would change the answer in a way this server ignores.
 DEFAULT_ONLY = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
 URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+MAX_STOP_CHARS = 256  # each stop string is matched against the answer's tail at every streamed piece
+MAX_ASPECT = 20  # image processors resize the shortest side: a 1 x 16M-pixel strip would become gigapixels
 
 
 class APIError(Exception):
@@ -79,21 +82,21 @@ def _number(body: dict, name: str, low: float, high: float, *, low_open: bool = 
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad(name, f"must be a number, got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad(name, f"must be a finite number, got {value!r}")
     if value > high or value < low or (low_open and value == low):
         raise bad(name, f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
     return float(value)
 
 
-def _integer(body: dict, name: str, low: int | None = None) -> int | None:
+def _integer(body: dict, name: str, low: int = -(2**63), high: int = 2**63 - 1) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad(name, f"must be an integer, got {type(value).__name__}")
-    if low is not None and value < low:
-        raise bad(name, f"must be >= {low}, got {value}")
+    if not low <= value <= high:
+        raise bad(name, f"must be in [{low}, {high}], got {value}")
     return value
 
 
@@ -110,6 +113,8 @@ def _stop(value: Any) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
         raise bad("stop", "must be a non-empty string or a list of up to 4 non-empty strings")
+    if max(map(len, stops)) > MAX_STOP_CHARS:
+        raise bad("stop", f"each stop string may have at most {MAX_STOP_CHARS} characters")
     return stops
 
 
@@ -227,11 +232,14 @@ def load_image(url: str, where: str, limits: Limits) -> Image.Image:
                 "local file paths are refused unless the server runs with --allow-local-files; send a data: URL",
                 "local_file",
             )
-        if not path.is_file():
-            raise bad(where, f"no such file: {path}", "file_not_found")
-        if path.stat().st_size > limits.max_image_bytes:
-            raise _too_large(where, path.stat().st_size, limits)
-        data = path.read_bytes()
+        try:
+            if not path.is_file():
+                raise bad(where, f"no such file: {path}", "file_not_found")
+            if path.stat().st_size > limits.max_image_bytes:
+                raise _too_large(where, path.stat().st_size, limits)
+            data = path.read_bytes()
+        except OSError as err:  # a name too long, no permission, a file gone meanwhile: the request's fault
+            raise bad(where, f"cannot read {path}: {err.strerror or err}", "file_not_found") from None
     if len(data) > limits.max_image_bytes:
         raise _too_large(where, len(data), limits)
     return open_image(data, where, limits)
@@ -265,6 +273,13 @@ def open_image(data: bytes, where: str, limits: Limits) -> Image.Image:
         )
     if width == 0 or height == 0:
         raise bad(where, f"image has zero size {width}x{height}", "invalid_image")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise bad(
+            where,
+            f"image is {width}x{height}: more than {MAX_ASPECT}:1 (resized to the tower's size along its short "
+            "side it would take gigabytes); crop or pad it",
+            "image_too_large",
+        )
     try:
         image.load()
         return to_rgb(image)  # here, so that an image the processor could not convert is this request's 400

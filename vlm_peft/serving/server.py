@@ -126,12 +126,18 @@ def create_app(model: torch.nn.Module, processor: Any, config: ServeConfig) -> F
             state["running"] = job
             try:
                 await loop.run_in_executor(executor, job.run, model, processor)
+            except Exception:  # noqa: BLE001 - one job's failure must not stop the worker for every later one
+                logger.exception("the generation worker failed on a request")
+                job._send(APIError(500, "generation failed", code="generation_failed"))
             finally:
                 state["running"] = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state["queue"] = asyncio.Queue(config.max_queue)
+        # Requests being read, parsed and rendered: bounded too, so that memory is bounded by the limits
+        # (bodies of up to max_body each) whatever the number of connections.
+        state["admitting"] = asyncio.Semaphore(config.max_queue + 1)
         task = asyncio.create_task(worker())
         yield
         task.cancel()
@@ -190,6 +196,16 @@ def create_app(model: torch.nn.Module, processor: Any, config: ServeConfig) -> F
     def prepare(body: Any) -> tuple[ChatRequest, dict, dict]:
         """Parse, decode images, render and count tokens: in a thread beside the generating one."""
         chat = parse_chat_request(body, limits)
+        budget = limits.max_prompt_tokens or context
+        text = sum(len(m["content"]) if isinstance(m["content"], str) else
+                   sum(len(p.get("text", "")) for p in m["content"]) for m in chat.messages)  # fmt: skip
+        if budget is not None and text > 16 * budget:  # no tokenizer makes a token of more than 16 characters
+            raise bad(
+                "messages",
+                f"the messages hold {text:,} characters of text; this server takes prompts of at most {budget} "
+                "tokens (--max-prompt-tokens, the model's context)",
+                "prompt_too_long",
+            )
         try:
             inputs = render(processor, chat.messages, think=chat.think, device=device)
         except (ValueError, jinja2.TemplateError) as err:
@@ -224,6 +240,24 @@ def create_app(model: torch.nn.Module, processor: Any, config: ServeConfig) -> F
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        if state["admitting"].locked():
+            raise _busy()
+        async with state["admitting"]:
+            job = await admit(request)
+        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
+        if job.request.stream:
+            return StreamingResponse(_stream(job, reply), media_type="text/event-stream")
+        pieces = []
+        while not isinstance(item := await job.events.get(), (Turn, Exception)):
+            pieces.append(item)
+        if isinstance(item, Exception):
+            raise _failure(item)
+        message = {"role": "assistant", "content": "".join(pieces)}
+        choice = {"index": 0, "message": message, "finish_reason": item.finish_reason, "logprobs": None}
+        return {**reply, "object": "chat.completion", "choices": [choice], "usage": _usage(item)}
+
+    async def admit(request: Request) -> _Job:
+        """Read, check and render one request, and queue it."""
         size, chunks = 0, []
         async for chunk in request.stream():  # counted as it arrives: a huge body is refused, not buffered
             size += len(chunk)
@@ -231,9 +265,9 @@ def create_app(model: torch.nn.Module, processor: Any, config: ServeConfig) -> F
                 message = f"the request body exceeds {max_body / 2**20:.0f} MiB (--max-images x --max-image-mb)"
                 raise APIError(413, message, code="request_too_large")
             chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        try:  # in a thread: a large body must not stall the event loop (and every open stream) while it parses
+            body = await asyncio.to_thread(json.loads, b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
         name = body.get("model") if isinstance(body, dict) else None
         if isinstance(name, str) and name != config.model_name:
@@ -246,17 +280,7 @@ def create_app(model: torch.nn.Module, processor: Any, config: ServeConfig) -> F
             state["queue"].put_nowait(job)
         except asyncio.QueueFull:
             raise _busy() from None
-        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
-        if chat.stream:
-            return StreamingResponse(_stream(job, reply), media_type="text/event-stream")
-        pieces = []
-        while not isinstance(item := await job.events.get(), (Turn, Exception)):
-            pieces.append(item)
-        if isinstance(item, Exception):
-            raise _failure(item)
-        message = {"role": "assistant", "content": "".join(pieces)}
-        choice = {"index": 0, "message": message, "finish_reason": item.finish_reason, "logprobs": None}
-        return {**reply, "object": "chat.completion", "choices": [choice], "usage": _usage(item)}
+        return job
 
     return app
 
@@ -318,4 +342,5 @@ class BackgroundServer:
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # Ctrl+C stops within seconds instead of waiting for the whole queue to be answered.
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
