@@ -492,6 +492,35 @@ def test_a_client_that_leaves_stops_its_generation_or_is_skipped(in_process, tra
     assert len(calls) == 2 and calls[1] > 1  # a whole answer again
 
 
+def test_a_non_streamed_client_that_leaves_stops_its_generation_or_is_skipped(in_process, trained, loaded):
+    url, calls = in_process.url, in_process.calls
+    image = trained[1][0]
+    calls.clear()
+    in_process.gate.clear()
+    body = {"model": "tiny", "messages": [user(QUESTION, image)], "max_tokens": MAX_TOKENS}
+    gone = []
+
+    def leave_after(seconds: float) -> None:
+        try:
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=seconds))
+        except httpx.ReadTimeout:
+            gone.append(seconds)
+
+    running = threading.Thread(target=leave_after, args=(3.0,))
+    running.start()
+    assert in_process.entered.wait(60)
+    waiting = threading.Thread(target=leave_after, args=(1.0,))
+    waiting.start()
+    wait_for(lambda: httpx.get(url + "/health").json()["queued"] == 1, "the second request to be queued")
+    running.join(30), waiting.join(30)
+    assert sorted(gone) == [1.0, 3.0]  # both clients hung up while generation was held
+    time.sleep(0.5)  # the server polls for disconnects every 0.1 s
+    in_process.gate.set()
+    wait_for(lambda: httpx.get(url + "/health").json() == {"status": "ok", "queued": 0, "running": False}, "idle")
+    assert calls == [1]  # the running one stopped after its first token, the waiting one never ran
+    assert ask(url, [user(QUESTION, image)]).choices[0].message.content == reference(loaded, [(QUESTION, [image])])[0]
+
+
 def test_text_filter_is_the_same_however_the_stream_is_split():
     text = "  \n Red circle. Then more text, STOP here and STOP again. \n"
     for stop in ([], ["STOP"], ["circle", "STOP"], [" \n"], ["Then more"]):

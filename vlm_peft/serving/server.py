@@ -248,8 +248,12 @@ def create_app(model: torch.nn.Module, processor: Any, config: ServeConfig) -> F
         if job.request.stream:
             return StreamingResponse(_stream(job, reply), media_type="text/event-stream")
         pieces = []
-        while not isinstance(item := await job.events.get(), (Turn, Exception)):
-            pieces.append(item)
+        watch = asyncio.create_task(_cancel_when_gone(request, job))
+        try:
+            while not isinstance(item := await job.events.get(), (Turn, Exception)):
+                pieces.append(item)
+        finally:
+            watch.cancel()
         if isinstance(item, Exception):
             raise _failure(item)
         message = {"role": "assistant", "content": "".join(pieces)}
@@ -283,6 +287,14 @@ def create_app(model: torch.nn.Module, processor: Any, config: ServeConfig) -> F
         return job
 
     return app
+
+
+async def _cancel_when_gone(request: Request, job: _Job) -> None:
+    """A non-streamed request's client that hangs up: its generation stops after the current token (or is
+    skipped while it waits), as a stream's does."""
+    while not await request.is_disconnected():  # a non-blocking check once the body has been read
+        await asyncio.sleep(0.1)
+    job.cancel.set()
 
 
 async def _stream(job: _Job, reply: dict[str, Any]) -> AsyncIterator[str]:
