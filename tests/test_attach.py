@@ -237,16 +237,9 @@ def test_unknown_image_token_id_is_refused(llm, vlm_cfg):
 def test_siglip_tower_and_feature_layer(llm, processor, vlm_cfg, feature_layer):
     import dataclasses
 
-    siglip = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 8,
-    }
-    cfg = dataclasses.replace(vlm_cfg, vision_config=siglip, vision_feature_layer=feature_layer)
+    from vlm_peft.tiny import tiny_siglip_config
+
+    cfg = dataclasses.replace(vlm_cfg, vision_config=tiny_siglip_config(), vision_feature_layer=feature_layer)
     model = attach(llm, cfg)
     batch = sample(processor)
     features = model._vlm_state.vision(batch["pixel_values"])

@@ -21,21 +21,12 @@ from transformers.utils.chat_template_utils import _compile_jinja_template
 from vlm_peft import VLMConfig, VLMProcessor, add_lora, attach, load, merge, save_adapter
 from vlm_peft.cli import main
 from vlm_peft.serving.export import export
-from vlm_peft.tiny import tiny_clip_config, tiny_image_processor, tiny_qwen3
+from vlm_peft.tiny import tiny_clip_config, tiny_image_processor, tiny_qwen3, tiny_siglip_config
 
 from .conftest import make_image
 
 PATCHES = 16  # (32 px / 8 px)^2: the mlp projector emits one token per patch
-SIGLIP = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "image_size": 32,
-    "patch_size": 8,
-}
-TOWERS = {"clip": tiny_clip_config, "siglip": lambda: dict(SIGLIP)}
+TOWERS = {"clip": tiny_clip_config, "siglip": tiny_siglip_config}
 
 
 def image_processor(tower):

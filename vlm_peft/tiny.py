@@ -128,6 +128,19 @@ def tiny_clip_config(image_size: int = 32, patch_size: int = 8, hidden_size: int
     return cfg
 
 
+def tiny_siglip_config(image_size: int = 32, patch_size: int = 8, hidden_size: int = 32) -> dict:
+    """A SigLIP vision config dict, the size of `tiny_clip_config`'s."""
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+
+
 def tiny_image_processor(image_size: int = 32) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
