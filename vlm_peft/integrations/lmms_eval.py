@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import StoppingCriteriaList
 
+from ..serving.generation import END_OF_TURN
 from ..serving.loading import load
 from .generation import StopStrings, cut_at_stops, generation_kwargs
 
@@ -130,7 +131,7 @@ class _VLMPeftBase(lmms):
         self._model, self.processor = load(pretrained, base=base, dtype=str(dtype), device=self._device)
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
         tokenizer = self.processor.tokenizer
-        ends = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+        ends = [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id]
         self._end_ids = list(dict.fromkeys(i for i in ends if i is not None))
         self.max_new_tokens = int(max_new_tokens)
         self.think = bool(think)
