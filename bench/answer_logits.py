@@ -6,8 +6,9 @@ Stage 1 supervises a caption after the image and a prompt; stage 2 an answer, wi
 variants differ only in how the loss is computed: transformers' own path (`labels=`, full logits),
 TRL's fused LM head over every position (what SFTTrainer does off CUDA), transformers' logits at the
 supervised positions only (`logits_to_keep`, what evaluation uses), and the shipped training path (TRL's
-fused head over the supervised positions only, `vlm_peft.training.answer_logits`). On CPU TRL's head runs
-its torch fallback, which recomputes each tile in the backward: compare it with `logits_to_keep`.
+fused head over the supervised positions only, `vlm_peft.training.answer_logits`: on devices without TRL's
+Triton kernel, such as this CPU, `AnswerHead` projects them, computing the gradient in the forward where
+TRL's torch fallback recomputes each tile in the backward).
 
 Run: `python -m bench.answer_logits` (real size, ~10 min on 2 CPU cores) or `--quick` (toy, for CI).
 """
@@ -18,7 +19,9 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from unittest import mock
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -29,7 +32,7 @@ from vlm_peft import VLMConfig, add_lora, attach, detach
 from vlm_peft.model.lora import DECODER_TARGETS
 from vlm_peft.model.vision import VisionTower, build_vision_model
 from vlm_peft.tiny import tiny_clip_config, tiny_qwen3_config
-from vlm_peft.training.answer_logits import answer_logits, answer_positions_only
+from vlm_peft.training.answer_logits import TOKENS_PER_TILE, _Head, answer_logits, answer_positions_only
 
 from .overhead import IMAGE_ID, side_by_side
 from .sizes import CLIP_B16, QWEN3_0_6B
@@ -81,7 +84,9 @@ def step(model: torch.nn.Module, inputs: dict, how: str) -> float:
         logits, labels = answer_logits(model, inputs)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
     else:
-        with answer_positions_only() if how == "answer" else torch.enable_grad():
+        # "tiles": TRL's own head over the supervised positions (its torch fallback here), not AnswerHead.
+        tiles = mock.patch.object(_Head, "covers", lambda *a: False) if how == "tiles" else nullcontext()
+        with answer_positions_only() if how in ("answer", "tiles") else nullcontext(), tiles:
             loss = model(**inputs, use_cache=False, fused_lm_head=True).loss
     loss.backward()
     opt.step()
@@ -140,6 +145,7 @@ def run_stage(s: Size, llm: Qwen3ForCausalLM, tower: VisionTower, stage: int) ->
         "vlm-peft mlp, full logits (transformers loss)": ours("mlp", "full"),
         "vlm-peft mlp, TRL fused head, every position": ours("mlp", "every"),
         "vlm-peft mlp, logits_to_keep + cross-entropy": ours("mlp", "keep"),
+        "vlm-peft mlp, supervised only, TRL's tiles": ours("mlp", "tiles"),
         "vlm-peft mlp, supervised positions only (shipped)": ours("mlp", "answer"),
         "vlm-peft cross-attention, supervised only (shipped)": ours("cross_attention", "answer"),
     }
@@ -168,18 +174,22 @@ def memory_estimate() -> list[str]:
     gib = 2**30
     full = b * seq * vocab * (2 + 4)  # bf16 logits + the fp32 copy transformers' loss upcasts to
     tile = 4096 * 32_768 * 4  # TRL's fused head: one fp32 tile of token chunk x vocabulary chunk at a time
+    ours = 2 * TOKENS_PER_TILE * vocab * 4  # AnswerHead: a tile's fp32 log-probabilities and probabilities
     return [
         "estimated GPU memory of the logits, Qwen3-0.6B sft recipe (bf16, batch 4 x 2048 tokens):",
         f"  transformers' loss path (bf16 logits + fp32 upcast): {full / gib:.2f} GiB;"
         f" supervised positions only ({supervised:.0%} of tokens; evaluation): {full * supervised / gib:.2f} GiB;"
-        f" TRL's fused head (training, every position or the supervised ones): {tile / gib:.2f} GiB",
+        f" training: TRL's fused head (Triton): {tile / gib:.2f} GiB, AnswerHead (no Triton): {ours / gib:.2f} GiB",
     ]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    s = QUICK if parser.parse_args(argv).quick else REAL
+    parser.add_argument("--repeats", type=int, help="interleaved steps per variant (default: 3 real, 1 quick)")
+    args = parser.parse_args(argv)
+    s = QUICK if args.quick else REAL
+    s = replace(s, repeats=args.repeats) if args.repeats else s
     torch.manual_seed(0)
     llm = Qwen3ForCausalLM(Qwen3Config(**s.llm)).eval()
     add_fused_lm_head(llm, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does

@@ -9,6 +9,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from vlm_peft import add_lora, attach
 from vlm_peft.data.collator import IGNORE_INDEX, VLMCollator
+from vlm_peft.training import answer_logits as head_module
 from vlm_peft.training.answer_logits import answer_logits, answer_positions_only
 
 from .conftest import make_image
@@ -68,8 +69,23 @@ def grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.fixture(params=["AnswerHead", "TRL tiles"])
+def head(request, monkeypatch):
+    """Which head projects the supervised positions: ours (in tiles of 3 positions, so that several
+    tiles and a partial one are crossed), or TRL's own (where ours does not cover the call)."""
+    calls = []
+    if request.param == "AnswerHead":
+        monkeypatch.setattr(head_module, "TOKENS_PER_TILE", 3)
+        forward = head_module.AnswerHead.forward
+        monkeypatch.setattr(head_module.AnswerHead, "forward", lambda *a: calls.append(1) or forward(*a))
+    else:
+        monkeypatch.setattr(head_module._Head, "covers", lambda *a: False)
+    yield request.param
+    assert bool(calls) == (request.param == "AnswerHead")
+
+
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_answer_only_loss_and_gradients_equal_the_full_ones(model, batches, padding):
+def test_answer_only_loss_and_gradients_equal_the_full_ones(model, batches, padding, head):
     for batch in batches[padding]:
         full = model(**batch, use_cache=False)
         full.loss.backward()
@@ -92,7 +108,7 @@ def test_answer_only_loss_and_gradients_equal_the_full_ones(model, batches, padd
         assert torch.equal(fused.is_top1[mask].bool(), logits.argmax(-1) == labels[mask])
 
 
-def test_the_lm_head_projects_only_the_supervised_positions(model, batches):
+def test_the_lm_head_projects_only_the_supervised_positions(model, batches, head):
     batch = batches["right"][2]
     config = model.get_base_model().config
     head = 2 * config.hidden_size * config.vocab_size  # FLOPs per projected position
