@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import add_fused_lm_head
 
 from vlm_peft import add_lora, attach
@@ -111,7 +112,7 @@ def test_answer_only_loss_and_gradients_equal_the_full_ones(model, batches, padd
 def test_the_lm_head_projects_only_the_supervised_positions(model, batches, head):
     batch = batches["right"][2]
     config = model.get_base_model().config
-    head = 2 * config.hidden_size * config.vocab_size  # FLOPs per projected position
+    per_position = 2 * config.hidden_size * config.vocab_size  # the LM head's FLOPs
 
     def flops(compact: bool) -> int:
         counter = FlopCounterMode(display=False)
@@ -122,7 +123,7 @@ def test_the_lm_head_projects_only_the_supervised_positions(model, batches, head
     rows, seq = batch["input_ids"].shape
     supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert supervised < rows * (seq - 1) / 2
-    assert flops(False) - flops(True) == head * (rows * (seq - 1) - supervised)
+    assert flops(False) - flops(True) == per_position * (rows * (seq - 1) - supervised)
 
 
 def test_evaluation_logits_are_the_full_logits_at_the_answer_positions(model, batches):
@@ -133,3 +134,54 @@ def test_evaluation_logits_are_the_full_logits_at_the_answer_positions(model, ba
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
         assert torch.equal(labels, batch["labels"][:, 1:][mask])
         assert torch.allclose(logits, full[:, :-1][mask], atol=1e-5)
+
+
+def head_inputs(n: int, vocab: int = 200, hidden: int = 16) -> tuple[torch.Tensor, ...]:
+    """Random head inputs with a confident position (p(target) > 0.999, where bf16 would round 1 - p to 0)
+    and one whose target ties with an earlier token for the maximum (not the top-1 then)."""
+    g = torch.Generator().manual_seed(n)
+    weight, bias = torch.randn(vocab, hidden, generator=g), torch.randn(vocab, generator=g)
+    states, targets = torch.randn(n, hidden, generator=g), torch.randint(1, vocab, (n,), generator=g)
+    if n >= 2:
+        states[0] = weight[targets[0]] * 10
+        weight[0], bias[0] = weight[targets[1]], bias[targets[1]]
+        states[1] = weight[targets[1]] * 10
+    return states, weight, bias, targets
+
+
+@pytest.mark.parametrize("n", [0, 7])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_answer_head_equals_trls_head(n, bf16, monkeypatch):
+    """AnswerHead against TRL's own kernel on the same call (temperature, logit scale, bias, several token
+    and vocabulary tiles, a per-position incoming gradient, ties, an empty call, bf16 autocast), and its
+    gradient against autograd through the same logits in fp32."""
+    monkeypatch.setattr(head_module, "TOKENS_PER_TILE", 3)
+    monkeypatch.setattr(head_module, "VOCAB_CHUNK", 64)
+    states, weight, bias, targets = head_inputs(n)
+    upstream = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    outputs, scale = ("log_probs", "entropy", "is_top1"), 1.3 / 0.7
+    results = []
+    for fn in (head_module.AnswerHead.apply, None):
+        hidden = states.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if fn is None:
+                got = ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 0.7, 64, None, 1.3, outputs)
+            else:
+                got = fn(hidden, weight, bias, targets, scale, outputs)
+        (got[0] * upstream).sum().backward()
+        results.append((got[0], got[1], got[4], hidden.grad))
+    (ours, entropy, top1, grad), (theirs, entropy_trl, top1_trl, grad_trl) = results
+    assert ours.shape == (n,) and grad.shape == (n, 16)
+    assert torch.allclose(ours, theirs, atol=1e-4) and torch.allclose(entropy, entropy_trl, atol=1e-4)
+    assert torch.equal(top1, top1_trl)
+    if n:
+        assert top1[0] and not top1[1] and ours[0].exp() > 0.999
+    # The exact gradient of the logits the head computed (bf16 under autocast): autograd in fp32 through them.
+    hidden = states.clone().requires_grad_()
+    exact = hidden @ weight.t() + bias
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    logits = exact + ((hidden.to(dtype) @ weight.to(dtype).t() + bias.to(dtype)).float() - exact).detach()
+    ((logits * scale).log_softmax(-1)[torch.arange(n), targets] * upstream).sum().backward()
+    assert torch.allclose(grad, hidden.grad, atol=1e-5)
+    # TRL's tiles round (onehot - softmax) x upstream and the weight to bf16 under autocast: only close there.
+    assert torch.allclose(grad_trl, hidden.grad, atol=0.05 if bf16 else 1e-5)

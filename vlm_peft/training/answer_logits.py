@@ -28,45 +28,66 @@ logger = logging.getLogger(__name__)
 EAGER = ("cpu", "cuda", "xpu", "mps")
 # Positions per full-vocabulary tile of AnswerHead: [512, 151,936] fp32 logits are 0.3 GB at a time.
 TOKENS_PER_TILE = 512
+# Vocabulary rows cast at a time where the head's dtype is not the one computed in (as TRL's chunks).
+VOCAB_CHUNK = 32_768
 _warned = False
 
 
+def _weight_chunks(weight: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, end, weight[start:end] in `dtype`): the whole head when it already is, so one matmul and no copy."""
+    if weight.dtype == dtype:
+        yield 0, weight.shape[0], weight
+        return
+    for start in range(0, weight.shape[0], VOCAB_CHUNK):
+        end = min(start + VOCAB_CHUNK, weight.shape[0])
+        yield start, end, weight[start:end].to(dtype)
+
+
 class AnswerHead(torch.autograd.Function):
-    """TRL's `ChunkedLogProbFunction` contract (log p(target), entropy, is the target the top-1; per position)
-    for devices without its Triton kernels, by tiles of positions over the whole vocabulary. The gradient of
-    log p(target) to the logits is onehot - softmax whatever the incoming gradient, so the forward also
-    computes d log p / d hidden ([N, hidden], small) and the backward only scales it: two matmuls per tile
-    where TRL's torch fallback recomputes each tile (three). Entropy and top-1 are for logging (SFTTrainer
-    detaches them): they carry no gradient."""
+    """What TRL's `ChunkedLogProbFunction` computes for SFT (log p(target), entropy, is the target the top-1;
+    per position) for devices without its Triton kernels, by tiles of positions over the whole vocabulary.
+    The gradient of log p(target) to the logits is onehot - softmax whatever the incoming gradient, so the
+    forward also computes d log p / d hidden ([N, hidden], small) and the backward only scales it: two
+    matmuls per tile where TRL's torch fallback recomputes each tile (three). Entropy and top-1 are for
+    logging (SFTTrainer detaches them): they carry no gradient."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, scale: float, outputs: tuple[str, ...]) -> tuple:  # fmt: skip
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        w, n = weight.to(dtype), hidden.shape[0]
-        log_probs = torch.empty(n, device=hidden.device)
-        entropy = torch.empty(n, device=hidden.device) if "entropy" in outputs else None
-        is_top1 = torch.empty(n, device=hidden.device, dtype=torch.bool) if "is_top1" in outputs else None
-        grad = torch.empty(hidden.shape, device=hidden.device) if ctx.needs_input_grad[0] else None
-        w32 = weight.float() if grad is not None else None  # the gradient is accumulated in fp32, as TRL's is
-        for start in range(0, n, TOKENS_PER_TILE):
-            end = min(start + TOKENS_PER_TILE, n)
-            rows, tgt = torch.arange(end - start, device=hidden.device), targets[start:end]
-            logits = torch.mm(hidden[start:end].to(dtype), w.t()).float()
-            if bias is not None:
-                logits += bias.float()
-            if is_top1 is not None:  # argmax is the first maximum, as TRL's running max counts ties
-                is_top1[start:end] = logits.argmax(-1) == tgt
-            logp = (logits if scale == 1.0 else logits * scale).log_softmax(-1)
-            del logits
-            log_probs[start:end] = logp[rows, tgt]
-            probs = logp.exp()
-            if entropy is not None:  # a batched dot product: no [tile, vocab] product tensor
-                entropy[start:end] = -torch.linalg.vecdot(probs, logp)
-            del logp
-            if grad is not None:  # d log p(target) / d hidden = (onehot - softmax) @ weight, times the scale
-                grad[start:end] = torch.sub(w32[tgt], torch.mm(probs, w32)).mul_(scale)
+        device = hidden.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        n, f32 = hidden.shape[0], torch.float32
+        log_probs = torch.empty(n, device=device, dtype=f32)
+        entropy = torch.empty(n, device=device, dtype=f32) if "entropy" in outputs else None
+        is_top1 = torch.empty(n, device=device, dtype=torch.bool) if "is_top1" in outputs else None
+        grad = torch.zeros(hidden.shape, device=device, dtype=f32) if ctx.needs_input_grad[0] else None
+        # Logits in the compute dtype, as the model's head would; everything after them in fp32 (autocast would
+        # round onehot - softmax to bf16, where a confident p(target) becomes exactly 1 and its gradient 0).
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, n, TOKENS_PER_TILE):
+                end = min(start + TOKENS_PER_TILE, n)
+                rows, tgt, h = torch.arange(end - start, device=device), targets[start:end], hidden[start:end].to(dtype)
+                logits = torch.empty(end - start, weight.shape[0], device=device, dtype=f32)
+                for v0, v1, w in _weight_chunks(weight, dtype):
+                    z = torch.mm(h, w.t())
+                    logits[:, v0:v1] = z if bias is None else z + bias[v0:v1].to(dtype)
+                if scale != 1.0:
+                    logits.mul_(scale)
+                if is_top1 is not None:  # argmax is the first maximum, as TRL's running max counts ties
+                    is_top1[start:end] = logits.argmax(-1) == tgt
+                logp = logits.log_softmax(-1)
+                del logits
+                log_probs[start:end] = logp[rows, tgt]
+                probs = logp.exp()
+                if entropy is not None:  # a batched dot product: no [tile, vocab] product tensor
+                    entropy[start:end] = -torch.linalg.vecdot(probs, logp)
+                del logp
+                if grad is not None:  # d log p(target) / d hidden = (onehot - softmax) @ weight, times the scale
+                    probs.neg_()[rows, tgt] += 1
+                    for v0, v1, w in _weight_chunks(weight, f32):
+                        grad[start:end].addmm_(probs[:, v0:v1], w)
+        if grad is not None:
+            grad.mul_(scale)
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(*(x for x in (entropy, is_top1) if x is not None))
@@ -82,7 +103,8 @@ class AnswerHead(torch.autograd.Function):
 
 class _Head:
     """Stands in for TRL's `_ChunkedLogProbFunction` inside `answer_positions_only`: `AnswerHead` where TRL has
-    no Triton kernel and the call is one it covers (frozen head, no softcapping, the outputs SFT logs)."""
+    no Triton kernel and the call is one it covers (an eager device, a frozen head, no softcapping, no gradient
+    through the entropy, the outputs SFTTrainer logs); TRL's own function for everything else."""
 
     def __init__(self, original: Any, triton: Any) -> None:
         self.original, self.triton = original, triton
@@ -97,9 +119,10 @@ class _Head:
 
     def covers(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
                outputs: tuple[str, ...]) -> bool:  # fmt: skip
+        eager = hidden.device.type in EAGER and not self.triton(hidden.device)
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
         logged = set(outputs) <= {"log_probs", "entropy", "is_top1"}
-        return frozen and logged and softcap is None and not self.triton(hidden.device)
+        return eager and frozen and logged and softcap is None
 
 
 @contextmanager
@@ -115,6 +138,7 @@ def answer_positions_only() -> Iterator[None]:
         yield
         return
     # Only the compact-or-tile decision changes: the kernels module keeps its own switch for Triton.
+    # (Module globals: a Trainer computes its losses on one thread.)
     trl_utils._use_triton = lambda device: device.type in EAGER or decide(device)
     trl_utils._ChunkedLogProbFunction = _Head(head, decide)
     try:
