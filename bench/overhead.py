@@ -90,9 +90,11 @@ def side_by_side(variants: dict[str, Callable[[], float]], repeats: int) -> dict
     for run in variants.values():  # warm-up
         run()
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            times[name].append(run())
+    names = list(variants)
+    for i in range(repeats):
+        # Each round starts one variant later, so that no variant always runs right after the same one.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            times[name].append(variants[name]())
     return times
 
 

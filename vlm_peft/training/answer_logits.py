@@ -67,10 +67,10 @@ class AnswerHead(torch.autograd.Function):
             for start in range(0, n, TOKENS_PER_TILE):
                 end = min(start + TOKENS_PER_TILE, n)
                 rows, tgt, h = torch.arange(end - start, device=device), targets[start:end], hidden[start:end].to(dtype)
-                logits = torch.empty(end - start, weight.shape[0], device=device, dtype=f32)
-                for v0, v1, w in _weight_chunks(weight, dtype):
-                    z = torch.mm(h, w.t())
-                    logits[:, v0:v1] = z if bias is None else z + bias[v0:v1].to(dtype)
+                tiles = [torch.mm(h, w.t()) for _, _, w in _weight_chunks(weight, dtype)]
+                logits = tiles[0] if len(tiles) == 1 else torch.cat(tiles, 1)
+                del tiles
+                logits = (logits if bias is None else logits + bias.to(dtype)).float()
                 if scale != 1.0:
                     logits.mul_(scale)
                 if is_top1 is not None:  # argmax is the first maximum, as TRL's running max counts ties
