@@ -10,7 +10,8 @@ fused head over the supervised positions only, `vlm_peft.training.answer_logits`
 Triton kernel, such as this CPU, `AnswerHead` projects them, computing the gradient in the forward where
 TRL's torch fallback recomputes each tile in the backward).
 
-Run: `python -m bench.answer_logits` (real size, ~10 min on 2 CPU cores) or `--quick` (toy, for CI).
+Run: `python -m bench.answer_logits` (real size, ~20 min on 2 CPU cores), `--head` (the LM head alone, ~2 min)
+or `--quick` (toy, for CI).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from unittest import mock
 
 import torch
@@ -46,6 +48,8 @@ class Size:
     repeats: int
     # (prompt tokens, supervised tokens) per row, for stage 1 (a caption) and stage 2 (an answer)
     stages: tuple[tuple[int, int], tuple[int, int]] = ((24, 20), (48, 60))
+    # supervised positions at which the LM head alone is timed
+    head_positions: tuple[int, ...] = (40, 120, 1024)
 
 
 REAL = Size(llm=QWEN3_0_6B, clip=CLIP_B16, batch=2, repeats=3)
@@ -55,6 +59,7 @@ QUICK = Size(
     batch=2,
     repeats=1,
     stages=((8, 4), (12, 6)),
+    head_positions=(40, 120),
 )
 
 
@@ -167,6 +172,48 @@ def run_stage(s: Size, llm: Qwen3ForCausalLM, tower: VisionTower, stage: int) ->
     return lines
 
 
+def _head_step(head: Callable, states: torch.Tensor, targets: torch.Tensor) -> float:
+    h = states.clone().requires_grad_()
+    start = time.perf_counter()
+    head(h, targets).sum().backward()
+    return time.perf_counter() - start
+
+
+def head_alone(s: Size, repeats: int) -> list[str]:
+    """The LM head alone, forward + backward to its input at N positions: TRL's torch fallback, AnswerHead,
+    and materialised logits + log-softmax (what `logits_to_keep` runs), interleaved."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from vlm_peft.training.answer_logits import AnswerHead
+
+    hidden, vocab = s.llm["hidden_size"], s.llm["vocab_size"]
+    weight = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(0)) * 0.02
+    outputs = ("log_probs", "entropy", "is_top1")
+
+    def materialised(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logp = (h @ weight.t()).log_softmax(-1)
+        with torch.no_grad():  # the logged metrics, as the heads compute them
+            (logp.exp() * logp).sum(-1), logp.argmax(-1)
+        return logp.gather(1, t[:, None])[:, 0]
+
+    heads = {
+        "TRL's tiles (torch fallback)": lambda h, t: ChunkedLogProbFunction.apply(
+            h, weight, None, t, 1.0, 32_768, None, 1.0, outputs
+        )[0],
+        "AnswerHead (shipped off Triton)": lambda h, t: AnswerHead.apply(h, weight, None, t, 1.0, outputs)[0],
+        "materialised logits": materialised,
+    }
+    lines = [f"LM head alone ({hidden} x {vocab:,}), forward + backward to its input, median of {repeats}:"]
+    for n in s.head_positions:
+        inputs = torch.randn(n, hidden), torch.randint(0, vocab, (n,))
+        times = side_by_side({name: partial(_head_step, head, *inputs) for name, head in heads.items()}, repeats)
+        meds = {name: statistics.median(v) for name, v in times.items()}
+        base = meds["TRL's tiles (torch fallback)"]
+        cells = [f"{k} {v * 1e3:.0f} ms ({v / base:.2f}x)" for k, v in meds.items()]
+        lines.append(f"  {n:5d} positions: " + "; ".join(cells))
+    return lines
+
+
 def memory_estimate() -> list[str]:
     """GPU memory of the loss's logits in the Qwen3-0.6B sft recipe (bf16, batch 4 x 2048 tokens), by formula."""
     b, seq, vocab = 4, 2048, 151_936
@@ -187,9 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, help="interleaved steps per variant (default: 3 real, 1 quick)")
+    parser.add_argument("--head", action="store_true", help="only the LM head alone (~2 min at real size)")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else REAL
     s = replace(s, repeats=args.repeats) if args.repeats else s
+    if args.head:
+        for line in head_alone(s, max(s.repeats, 5)):
+            print(line)
+        return
     torch.manual_seed(0)
     llm = Qwen3ForCausalLM(Qwen3Config(**s.llm)).eval()
     add_fused_lm_head(llm, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
@@ -202,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     for stage in (1, 2):
         for line in run_stage(s, llm, tower, stage):
             print(line)
+    for line in head_alone(s, s.repeats):
+        print(line)
     for line in memory_estimate():
         print(line)
 
