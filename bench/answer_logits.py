@@ -28,13 +28,20 @@ from unittest import mock
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import add_fused_lm_head
 
 from vlm_peft import VLMConfig, add_lora, attach, detach
 from vlm_peft.model.lora import DECODER_TARGETS
 from vlm_peft.model.vision import VisionTower, build_vision_model
 from vlm_peft.tiny import tiny_clip_config, tiny_qwen3_config
-from vlm_peft.training.answer_logits import TOKENS_PER_TILE, _Head, answer_logits, answer_positions_only
+from vlm_peft.training.answer_logits import (
+    TOKENS_PER_TILE,
+    AnswerHead,
+    _Head,
+    answer_logits,
+    answer_positions_only,
+)
 
 from .overhead import IMAGE_ID, side_by_side
 from .sizes import CLIP_B16, QWEN3_0_6B
@@ -182,10 +189,6 @@ def _head_step(head: Callable, states: torch.Tensor, targets: torch.Tensor) -> f
 def head_alone(s: Size, repeats: int) -> list[str]:
     """The LM head alone, forward + backward to its input at N positions: TRL's torch fallback, AnswerHead,
     and materialised logits + log-softmax (what `logits_to_keep` runs), interleaved."""
-    from trl.kernels import ChunkedLogProbFunction
-
-    from vlm_peft.training.answer_logits import AnswerHead
-
     hidden, vocab = s.llm["hidden_size"], s.llm["vocab_size"]
     weight = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(0)) * 0.02
     outputs = ("log_probs", "entropy", "is_top1")

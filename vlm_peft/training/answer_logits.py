@@ -133,7 +133,9 @@ def answer_positions_only() -> Iterator[None]:
     head = getattr(trl_utils, "_ChunkedLogProbFunction", None)
     if decide is None or head is None:
         if not _warned:
-            logger.warning("this TRL's fused LM head has no _use_triton switch: off CUDA it projects every position")
+            logger.warning(
+                "this TRL has no _use_triton / _ChunkedLogProbFunction: off CUDA its head projects every position"
+            )
             _warned = True
         yield
         return
